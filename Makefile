@@ -1,0 +1,49 @@
+# Everything runs from a project-local virtualenv that the targets create on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+HOST ?= 127.0.0.1
+PORT ?= 8188
+
+.PHONY: help venv lint format test test-fast demo emulator clean
+
+help:
+	@echo "make demo      run the built-in ComfyUI emulator on http://$(HOST):$(PORT)"
+	@echo "make test      lint (ruff, mypy --strict) and run the whole test suite"
+	@echo "make test-fast run the tests without the lint step"
+	@echo "make format    apply ruff's formatter and safe fixes"
+	@echo "make clean     remove the virtualenv and caches"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check relay tests bench
+	$(BIN)/ruff format --check relay tests bench
+	$(BIN)/mypy --strict relay
+
+format: $(STAMP)
+	$(BIN)/ruff format relay tests bench
+	$(BIN)/ruff check --fix relay tests bench
+
+test: lint
+	$(BIN)/pytest
+
+test-fast: $(STAMP)
+	$(BIN)/pytest
+
+# Until the relay lands, the demo is the emulator on its own.
+demo: emulator
+
+emulator: $(STAMP)
+	$(BIN)/comfy-relay emulator --host $(HOST) --port $(PORT)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,116 @@
+"""The ``comfy-relay`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import uvicorn
+
+from relay import __version__
+from relay.emulator import EmulatorConfig, create_app
+from relay.emulator.harness import uvicorn_config
+
+__all__ = ["main"]
+
+
+def _emulator_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "emulator",
+        help="run the built-in ComfyUI emulator",
+        description="Serve an emulated ComfyUI 0.3.64 (HTTP API and WebSocket) with simulated nodes.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8188, help="port to listen on (default: %(default)s)")
+    parser.add_argument(
+        "--speed",
+        type=float,
+        default=1.0,
+        metavar="FACTOR",
+        help="divide every simulated duration by FACTOR (default: %(default)s)",
+    )
+    parser.add_argument("--output-dir", type=Path, help="where saved images go (default: a temporary folder)")
+    parser.add_argument("--input-dir", type=Path, help="where uploads go (default: a temporary folder)")
+    parser.add_argument("--temp-dir", type=Path, help="where previews go (default: a temporary folder)")
+    parser.add_argument(
+        "--max-upload-size",
+        type=float,
+        default=None,
+        metavar="MB",
+        help="request body limit in MB (default: 100)",
+    )
+    parser.add_argument(
+        "--enable-cors-header",
+        nargs="?",
+        const="*",
+        default=None,
+        metavar="ORIGIN",
+        help="send CORS headers (default origin '*') instead of checking Origin",
+    )
+    parser.add_argument(
+        "--enable-compress-response-body", action="store_true", help="compress JSON and text responses"
+    )
+    parser.add_argument(
+        "--no-duplicate-client-quirk",
+        action="store_true",
+        help="do not reproduce ComfyUI's orphaning of sockets that share a clientId",
+    )
+    parser.add_argument(
+        "--output-order",
+        choices=("stable", "random"),
+        default="stable",
+        help="order of independent outputs: stable (highest id first) or random, like a fresh ComfyUI",
+    )
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+
+
+def _run_emulator(args: argparse.Namespace) -> int:
+    config = EmulatorConfig(
+        host=args.host,
+        port=args.port,
+        speed=args.speed,
+        output_dir=args.output_dir,
+        input_dir=args.input_dir,
+        temp_dir=args.temp_dir,
+        cors_origin=args.enable_cors_header,
+        compress_responses=args.enable_compress_response_body,
+        duplicate_client_quirk=not args.no_duplicate_client_quirk,
+        output_order=args.output_order,
+        **({"max_upload_size_mb": args.max_upload_size} if args.max_upload_size is not None else {}),
+    )
+    if config.speed <= 0:
+        print("comfy-relay emulator: --speed must be positive", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = create_app(config)
+    state = app.state.emulator
+    print(
+        f"ComfyUI emulator on http://{config.host}:{config.port} (WebSocket ws://{config.host}:{config.port}/ws)"
+    )
+    print(f"  output: {state.folders.output}\n  input:  {state.folders.input}\n  speed:  x{config.speed:g}")
+    uvicorn.Server(uvicorn_config(app, config, log_level=args.log_level)).run()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="comfy-relay", description="A WebSocket event relay in front of ComfyUI."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _emulator_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "emulator":
+        return _run_emulator(args)
+    parser.print_help()
+    return 2

@@ -1,0 +1,84 @@
+"""Settings of the emulated ComfyUI server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+__all__ = ["DEFAULT_MODELS", "EmulatorConfig", "OutputOrder"]
+
+OutputOrder = Literal["stable", "random"]
+
+# Model files the emulated server pretends to have, by folder (GET /models/{folder}).
+DEFAULT_MODELS: dict[str, tuple[str, ...]] = {
+    "checkpoints": (
+        "sd_xl_base_1.0.safetensors",
+        "v1-5-pruned-emaonly.safetensors",
+        "realisticVisionV60B1_v51HyperVAE.safetensors",
+    ),
+    "configs": (),
+    "loras": ("add_detail.safetensors", "lcm_lora_sdxl.safetensors"),
+    "vae": ("sdxl_vae.safetensors", "ae.safetensors"),
+    "text_encoders": ("clip_l.safetensors", "t5xxl_fp8_e4m3fn.safetensors"),
+    "diffusion_models": ("flux1-fill-dev.safetensors",),
+    "clip_vision": (),
+    "style_models": (),
+    "embeddings": (),
+    "diffusers": (),
+    "vae_approx": (),
+    "controlnet": ("control_v11p_sd15_canny.pth", "controlnet-union-sdxl-1.0.safetensors"),
+    "gligen": (),
+    "upscale_models": ("RealESRGAN_x4plus.pth",),
+    "custom_nodes": (),
+    "hypernetworks": (),
+    "photomaker": (),
+    "classifiers": (),
+    "model_patches": (),
+    "audio_encoders": (),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class EmulatorConfig:
+    """How the emulated server behaves.
+
+    The defaults reproduce a ComfyUI 0.3.64 started with no flags. Paths left as ``None``
+    are created under a fresh temporary folder when the server starts.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8188
+    # Divides every simulated duration: 10.0 runs a graph ten times faster.
+    speed: float = 1.0
+    output_dir: Path | None = None
+    input_dir: Path | None = None
+    temp_dir: Path | None = None
+    # --max-upload-size in MB. ComfyUI's default is the int 100; a value given on its
+    # command line is a float, and /features then reports a float (trace 15).
+    max_upload_size_mb: float = 100
+    # --enable-cors-header: None keeps the loopback Origin check, "*" or an origin enables CORS.
+    cors_origin: str | None = None
+    # --enable-compress-response-body: deflate/gzip for JSON and text/plain bodies.
+    compress_responses: bool = False
+    # A second socket with the same clientId silently replaces the first, and closing the
+    # replaced one unregisters the replacement (PROTOCOL.md §2). Off only for tests that
+    # want a well-behaved server.
+    duplicate_client_quirk: bool = True
+    # Order of independent output nodes. ComfyUI takes it from a Python set, so it changes
+    # between server processes; "stable" is highest node id first (what the recorded server
+    # did), "random" shuffles per prompt like a fresh ComfyUI process would.
+    output_order: OutputOrder = "stable"
+    seed: int | None = None
+    models: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_MODELS))
+    history_size: int = 10_000
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_size_mb * 1024 * 1024)
+
+    @property
+    def advertised_upload_size(self) -> int | float:
+        """``max_upload_size`` as /features and the feature_flags reply carry it."""
+        value = self.max_upload_size_mb * 1024 * 1024
+        return int(value) if isinstance(self.max_upload_size_mb, int) else float(value)
