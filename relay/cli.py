@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -93,7 +94,9 @@ def _run_emulator(args: argparse.Namespace) -> int:
         f"ComfyUI emulator on http://{config.host}:{config.port} (WebSocket ws://{config.host}:{config.port}/ws)"
     )
     print(f"  output: {state.folders.output}\n  input:  {state.folders.input}\n  speed:  x{config.speed:g}")
-    uvicorn.Server(uvicorn_config(app, config, log_level=args.log_level)).run()
+    # uvicorn re-raises Ctrl-C after its graceful shutdown; it is the normal way to stop.
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.Server(uvicorn_config(app, config, log_level=args.log_level)).run()
     return 0
 
 

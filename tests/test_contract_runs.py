@@ -239,3 +239,23 @@ async def _run_quietly(session: Session, graph: dict[str, object]) -> None:
             if not state["queue_running"] and not state["queue_pending"]:
                 return
             await asyncio.sleep(0.01)
+
+
+async def test_14_large_binary_frames(session: Session) -> None:
+    """SaveImageWebsocket of a 1024x1024 noise image sends one frame of several MB (trace 14)."""
+    trace = load_trace("14")
+    a = await session.connect("A", CLIENT)
+    prompt_id = await session.submit(trace.workflow(), CLIENT)
+    await a.wait_done(prompt_id)
+    f = await session.connect("F", "relayprobe-ff-14", feature_flags=True)
+    await f.wait_for(of_type("feature_flags"))
+    prompt_id = await session.submit(trace.workflow("feature-flags"), "relayprobe-ff-14")
+    await f.wait_done(prompt_id)
+    ours_a, _ = split_status(a.tokens())
+    assert ours_a == split_status(trace.tokens("A"))[0]
+    assert f.tokens() == trace.tokens("F")
+    for socket, event in ((a, 1), (f, 4)):
+        frame = next(fr for fr in socket.frames if fr.event == event)
+        assert frame.image_size == (1024, 1024)
+        # Noise does not compress: well over the 1 MiB a default websockets client accepts.
+        assert frame.length > 2_000_000

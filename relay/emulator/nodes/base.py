@@ -162,7 +162,8 @@ class Input:
 
     @classmethod
     def combo(cls, choices: tuple[str, ...] | ChoiceSource, **options: Any) -> Input:
-        return cls("COMBO", options, choices=choices)
+        # A combo without options is published as just its list: [["a", "b"]].
+        return cls("COMBO", options, choices=choices, bare=not options)
 
     @classmethod
     def model_file(cls, folder: str) -> Input:
@@ -205,6 +206,9 @@ class Node(ABC):
     custom_validated: ClassVar[frozenset[str]] = frozenset()
     # Simulated duration in seconds at speed 1, for nodes whose run uses it.
     seconds: ClassVar[float] = 0.0
+    # Nodes written against ComfyUI's newer node API publish a few more keys and a null
+    # display name when they have none (ImageBlur in trace 13).
+    v3: ClassVar[bool] = False
 
     def validate_inputs(self, env: NodeEnv, values: Mapping[str, Any]) -> dict[str, str]:
         """Custom validation: input name -> message, for the inputs that fail."""
@@ -232,19 +236,26 @@ class Node(ABC):
         if cls.hidden:
             inputs["hidden"] = dict(cls.hidden)
             order["hidden"] = list(cls.hidden)
-        return {
+        info: dict[str, Any] = {
             "input": inputs,
             "input_order": order,
             "output": list(cls.returns),
             "output_is_list": [False] * len(cls.returns),
             "output_name": list(cls.return_names or cls.returns),
-            "name": cls.class_type,
-            "display_name": cls.display_name if cls.display_name is not None else cls.class_type,
-            "description": cls.description,
-            "python_module": cls.python_module,
-            "category": cls.category,
-            "output_node": cls.output_node,
         }
+        if cls.v3:
+            info["output_tooltips"] = [None] * len(cls.returns)
+        info.update(
+            name=cls.class_type,
+            display_name=cls.display_name if cls.display_name is not None or cls.v3 else cls.class_type,
+            description=cls.description,
+            python_module=cls.python_module,
+            category=cls.category,
+            output_node=cls.output_node,
+        )
+        if cls.v3:
+            info.update(deprecated=False, experimental=False, api_node=False)
+        return info
 
 
 class Catalogue:

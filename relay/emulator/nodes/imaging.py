@@ -98,6 +98,7 @@ class ImageScale(Node):
 class ImageBlur(Node):
     class_type = "ImageBlur"
     category = "image/postprocessing"
+    v3 = True
     python_module = "comfy_extras.nodes_post_processing"
     required: ClassVar[Mapping[str, Input]] = {
         "image": Input("IMAGE"),
