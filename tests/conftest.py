@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import httpx
 import pytest
 
 from relay.emulator import EmulatorConfig, RunningEmulator, run_emulator
-from tests.driver import Session
+from tests.driver import Session, open_session
 
 # Fast enough for a quick suite, slow enough that a 0.2 s probe step (10 ms here) still
 # leaves room for an interrupt between two steps.
@@ -29,9 +28,15 @@ async def emulator(emulator_config: EmulatorConfig) -> AsyncIterator[RunningEmul
 
 @pytest.fixture
 async def session(emulator: RunningEmulator) -> AsyncIterator[Session]:
-    async with httpx.AsyncClient(base_url=emulator.url, timeout=30) as http:
-        current = Session(emulator.url, http)
-        try:
-            yield current
-        finally:
-            await current.close()
+    async with open_session(emulator.url) as current:
+        yield current
+
+
+@pytest.fixture
+async def slow_session() -> AsyncIterator[Session]:
+    """An emulator at x2: slow enough that a test can act in the middle of a run."""
+    async with (
+        run_emulator(EmulatorConfig(port=0, speed=2)) as emulator,
+        open_session(emulator.url) as current,
+    ):
+        yield current

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -19,7 +19,7 @@ from websockets.asyncio.client import ClientConnection
 
 from tests.tracekit import Frame, token
 
-__all__ = ["RecordingSocket", "Session"]
+__all__ = ["RecordingSocket", "Session", "is_done", "of_type", "open_session"]
 
 Predicate = Callable[[Frame], bool]
 
@@ -144,6 +144,41 @@ class Session:
         prompt_id: str = response.json()["prompt_id"]
         return prompt_id
 
+    async def wait_idle(self, timeout: float = 15.0) -> None:
+        """Poll /queue until nothing is running or pending."""
+        async with asyncio.timeout(timeout):
+            while True:
+                state = (await self.http.get("/queue")).json()
+                if not state["queue_running"] and not state["queue_pending"]:
+                    return
+                await asyncio.sleep(0.01)
+
+    async def wait_running(self, timeout: float = 15.0) -> None:
+        """Poll /queue until a prompt is running."""
+        async with asyncio.timeout(timeout):
+            while not (await self.http.get("/queue")).json()["queue_running"]:
+                await asyncio.sleep(0.005)
+
+    async def wait_history(self, prompt_id: str, timeout: float = 15.0) -> dict[str, Any]:
+        """Poll /history/{id} until the prompt has finished; return its entry."""
+        async with asyncio.timeout(timeout):
+            while True:
+                body = (await self.http.get(f"/history/{prompt_id}")).json()
+                if body:
+                    entry: dict[str, Any] = body[prompt_id]
+                    return entry
+                await asyncio.sleep(0.01)
+
     async def close(self) -> None:
         for socket in self.sockets.values():
             await socket.close()
+
+
+@contextlib.asynccontextmanager
+async def open_session(base_url: str) -> AsyncIterator[Session]:
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+        session = Session(base_url, http)
+        try:
+            yield session
+        finally:
+            await session.close()

@@ -6,17 +6,13 @@ and (normalised) bodies are compared with the recorded answers.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import pytest
 from PIL import Image
 
-from relay.emulator import EmulatorConfig, run_emulator
 from relay.emulator.edge import SERVER_ERROR_BODY
 from tests.driver import Session
 from tests.tracekit import TRACES, fold_progress, load_trace, normalize, shape, split_status
@@ -76,15 +72,6 @@ def assert_same_answer(
         assert normalize(response.json()) == normalize(body), record["path"]
     elif body is not None:
         assert response.text == body, record["path"]
-
-
-async def wait_idle(http: httpx.AsyncClient) -> None:
-    async with asyncio.timeout(15):
-        while True:
-            state = (await http.get("/queue")).json()
-            if not state["queue_running"] and not state["queue_pending"]:
-                return
-            await asyncio.sleep(0.01)
 
 
 async def test_06_invalid_prompts(session: Session) -> None:
@@ -163,29 +150,15 @@ async def test_07_uploads_and_load_image(session: Session) -> None:
         assert image.size == (64, 48)
 
 
-@pytest.fixture
-async def queue_session() -> AsyncIterator[Session]:
-    """Slow enough (x2) that the blocker of trace 10 keeps running while the queue is edited."""
-    async with (
-        run_emulator(EmulatorConfig(port=0, speed=2)) as emulator,
-        httpx.AsyncClient(base_url=emulator.url, timeout=30) as http,
-    ):
-        session = Session(emulator.url, http)
-        try:
-            yield session
-        finally:
-            await session.close()
-
-
-async def test_10_queue_operations(queue_session: Session) -> None:
+async def test_10_queue_operations(slow_session: Session) -> None:
     """Trace 10: heap-ordered pending list, delete, clear, front, number, custom and duplicate ids."""
-    session = queue_session
+    session = slow_session
     http = session.http
     trace = load_trace("10")
     # The recorded server had the blocker's EmptyImage cached from the previous scenario and
     # was at prompt number 36. A prelude run sets up the cache; parsed POSTs advance the count.
     await session.submit(trace.workflow("after"))
-    await wait_idle(http)
+    await session.wait_idle()
     for _ in range(35):
         assert (await http.post("/prompt", json={})).status_code == 400
     a = await session.connect("A", CLIENT)
@@ -209,7 +182,7 @@ async def test_10_queue_operations(queue_session: Session) -> None:
             if note == "both queued?":
                 continue  # depends on whether the first short run already finished
             if note == "at the end":
-                await wait_idle(http)
+                await session.wait_idle()
             ours = (await http.get("/queue")).json()
             theirs = record["body_json"]
             # Pending is the raw heap array: its numbers must come in the recorded order.
@@ -221,7 +194,7 @@ async def test_10_queue_operations(queue_session: Session) -> None:
             ], note
             assert shape(ours) == shape(theirs)
         elif method == "GET" and path.startswith("/history/"):
-            await wait_idle(http)
+            await session.wait_idle()
             recorded_id = path.removeprefix("/history/")
             ours = (await http.get(f"/history/{ids.get(recorded_id, recorded_id)}")).json()
             assert shape(ours) == shape(record["body_json"])
@@ -241,7 +214,7 @@ async def test_10_queue_operations(queue_session: Session) -> None:
         elif method == "GET" and path == "/prompt":
             assert (await http.get("/prompt")).json() == record["body_json"]
 
-    await wait_idle(http)
+    await session.wait_idle()
     ours, our_status = split_status(a.tokens())
     theirs, their_status = split_status(trace.tokens("A"))
     assert fold_progress(ours) == fold_progress(theirs)

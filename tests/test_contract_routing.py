@@ -8,46 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
-
-import httpx
-import pytest
 
 from relay.emulator import EmulatorConfig, run_emulator
-from tests.driver import Session, of_type
+from tests.driver import Session, of_type, open_session
 from tests.tracekit import fold_progress, load_trace, shape, split_status, token
 
 CLIENT = "relayprobe-fixed-client-0001"
-
-
-@pytest.fixture
-async def slow_session() -> AsyncIterator[Session]:
-    """An emulator slow enough (x5) that a test can act in the middle of a run."""
-    async with (
-        run_emulator(EmulatorConfig(port=0, speed=5)) as emulator,
-        httpx.AsyncClient(base_url=emulator.url, timeout=30) as http,
-    ):
-        session = Session(emulator.url, http)
-        try:
-            yield session
-        finally:
-            await session.close()
-
-
-async def wait_history(session: Session, prompt_id: str) -> dict[str, object]:
-    async with asyncio.timeout(15):
-        while True:
-            body = (await session.http.get(f"/history/{prompt_id}")).json()
-            if body:
-                entry: dict[str, object] = body[prompt_id]
-                return entry
-            await asyncio.sleep(0.01)
-
-
-async def wait_running(session: Session) -> None:
-    async with asyncio.timeout(15):
-        while not (await session.http.get("/queue")).json()["queue_running"]:
-            await asyncio.sleep(0.005)
 
 
 async def test_08_duplicate_client_id_orphans_sockets(slow_session: Session) -> None:
@@ -67,15 +33,15 @@ async def test_08_duplicate_client_id_orphans_sockets(slow_session: Session) -> 
     await a.close()
     heard = len(b.frames)
     second = await session.submit(trace.workflow("second"), dup)
-    await wait_history(session, second)
+    await session.wait_history(second)
     await asyncio.sleep(0.1)
     assert len(b.frames) == heard
     assert b.tokens() == trace.tokens("B")
 
     # 8c: C connects mid-run: "executing" replay without prompt_id, then the live run.
     third = await session.submit(trace.workflow("third"), dup)
-    await wait_running(session)
-    await asyncio.sleep(0.5)  # a few of the fifteen steps (40 ms each at x5)
+    await session.wait_running()
+    await asyncio.sleep(0.5)  # a few of the fifteen steps (100 ms each at x2)
     c = await session.connect("C", dup)
     await c.wait_done(third)
     assert c.frames[1].data == {"node": "2"}
@@ -89,8 +55,7 @@ async def test_08_duplicate_client_id_orphans_sockets(slow_session: Session) -> 
 async def test_08_duplicate_quirk_can_be_turned_off() -> None:
     """Without the quirk, closing the replaced socket leaves the replacement registered."""
     config = EmulatorConfig(port=0, speed=20, duplicate_client_quirk=False)
-    async with run_emulator(config) as emulator, httpx.AsyncClient(base_url=emulator.url) as http:
-        session = Session(emulator.url, http)
+    async with run_emulator(config) as emulator, open_session(emulator.url) as session:
         trace = load_trace("08")
         a = await session.connect("A", "dup")
         b = await session.connect("B", "dup")
@@ -98,7 +63,6 @@ async def test_08_duplicate_quirk_can_be_turned_off() -> None:
         prompt_id = await session.submit(trace.workflow(), "dup")
         await b.wait_done(prompt_id)
         assert "execution_success" in b.tokens()
-        await session.close()
 
 
 async def test_09_prompts_without_a_connected_client(slow_session: Session) -> None:
@@ -106,7 +70,7 @@ async def test_09_prompts_without_a_connected_client(slow_session: Session) -> N
     trace = load_trace("09")
     session = slow_session
     # Trace 09 ran after 08 in the same server, whose EmptyImage it found in the cache.
-    await wait_history(session, await session.submit(load_trace("08").workflow()))
+    await session.wait_history(await session.submit(load_trace("08").workflow()))
     s = await session.connect("S")  # no clientId: the server assigns one
     t = await session.connect("T", CLIENT)
     sid = s.frames[0].data["sid"]
@@ -116,13 +80,13 @@ async def test_09_prompts_without_a_connected_client(slow_session: Session) -> N
     runs = ((trace.workflow(), None), (trace.workflow("other-client"), "x"), (trace.workflow("own-sid"), sid))
     for finished, (graph, client_id) in enumerate(runs, start=1):
         prompt_id = await session.submit(graph, client_id)
-        await wait_history(session, prompt_id)
+        await session.wait_history(prompt_id)
         # Every socket hears the idle status that ends each run.
         await t.wait_for(lambda f: token(f) == "status[0]", count=finished)
     last = await session.submit(trace.workflow("interrupt-no-client"))
     await s.wait_for(of_type("progress", last), count=2)
     await session.http.post("/interrupt", json={"prompt_id": last})
-    await wait_history(session, last)
+    await session.wait_history(last)
     await t.wait_for(of_type("execution_interrupted", last))
     await s.wait_for(of_type("execution_interrupted", last))
 
@@ -143,7 +107,7 @@ async def test_17_error_without_client_id_reaches_nobody(session: Session) -> No
     s = await session.connect("S")
     t = await session.connect("T", CLIENT)
     prompt_id = await session.submit(trace.workflow())
-    history = await wait_history(session, prompt_id)
+    history = await session.wait_history(prompt_id)
     await t.wait_for(lambda f: token(f) == "status[0]")
     await s.wait_for(lambda f: token(f) == "status[0]")
     assert s.tokens() == trace.tokens("S")

@@ -95,7 +95,8 @@ async def test_02_legacy_previews(session: Session) -> None:
 async def test_02b_feature_flags_previews_with_metadata(session: Session) -> None:
     """feature_flags as first message: a reply, then event-4 previews carrying the prompt id (trace 02b)."""
     # Trace 02b ran right after 02, whose EmptyImage it reuses from the cache.
-    await _run_quietly(session, load_trace("02").workflow())
+    await session.submit(load_trace("02").workflow())
+    await session.wait_idle()
     trace = load_trace("02b")
     a = await session.connect("A", CLIENT, feature_flags=True)
     await a.wait_for(of_type("feature_flags"))
@@ -228,17 +229,6 @@ async def test_05_execution_error(session: Session) -> None:
     assert shape(history) == shape(recorded_history)
     assert normalize(history["outputs"]) == normalize(recorded_history["outputs"])
     assert (history["status"]["status_str"], history["status"]["completed"]) == ("error", False)
-
-
-async def _run_quietly(session: Session, graph: dict[str, object]) -> None:
-    """Run a graph with no client id and wait for it to leave the queue."""
-    await session.submit(graph)
-    async with asyncio.timeout(15):
-        while True:
-            state = (await session.http.get("/queue")).json()
-            if not state["queue_running"] and not state["queue_pending"]:
-                return
-            await asyncio.sleep(0.01)
 
 
 async def test_14_large_binary_frames(session: Session) -> None:

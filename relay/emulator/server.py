@@ -67,6 +67,19 @@ async def _request_json(request: Request) -> Any:
         raise ServerCrash("body is not JSON") from exc
 
 
+async def _clear_or_delete(
+    request: Request, clear: Callable[[], None], delete: Callable[[str], object]
+) -> None:
+    """POST /queue and /history: ``{"clear": true}`` and/or ``{"delete": [ids]}``."""
+    body = await _request_json(request)
+    if not isinstance(body, dict):
+        raise ServerCrash("operation is not an object")
+    if body.get("clear"):
+        clear()
+    for prompt_id in body.get("delete", []) or []:
+        delete(str(prompt_id))
+
+
 @dataclass(slots=True)
 class LogBook:
     """The server log lines that PATCH /internal/logs/subscribe streams over the socket."""
@@ -249,13 +262,7 @@ class _Routes:
         return _json(self.s.queue.snapshot())
 
     async def post_queue(self, request: Request) -> Response:
-        body = await _request_json(request)
-        if not isinstance(body, dict):
-            raise ServerCrash("queue operation is not an object")
-        if body.get("clear"):
-            self.s.queue.wipe()
-        for prompt_id in body.get("delete", []) or []:
-            self.s.queue.delete(str(prompt_id))
+        await _clear_or_delete(request, self.s.queue.wipe, self.s.queue.delete)
         return Response(status_code=200)
 
     async def post_interrupt(self, request: Request) -> Response:
@@ -280,13 +287,7 @@ class _Routes:
         return _json(self.s.queue.history_item(request.path_params["prompt_id"]))
 
     async def post_history(self, request: Request) -> Response:
-        body = await _request_json(request)
-        if not isinstance(body, dict):
-            raise ServerCrash("history operation is not an object")
-        if body.get("clear"):
-            self.s.queue.wipe_history()
-        for prompt_id in body.get("delete", []) or []:
-            self.s.queue.delete_history(str(prompt_id))
+        await _clear_or_delete(request, self.s.queue.wipe_history, self.s.queue.delete_history)
         return Response(status_code=200)
 
     async def post_free(self, request: Request) -> Response:
