@@ -12,8 +12,13 @@ from pathlib import Path
 import uvicorn
 
 from relay import __version__
+from relay.app import create_app as create_relay_app
+from relay.config import ENV_NAMES, ConfigError, RelayConfig
 from relay.emulator import EmulatorConfig, create_app
 from relay.emulator.harness import uvicorn_config
+from relay.logs import configure_logging
+from relay.server import RelayServer
+from relay.server import uvicorn_config as relay_uvicorn_config
 
 __all__ = ["main"]
 
@@ -100,12 +105,51 @@ def _run_emulator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "serve",
+        help="run the relay in front of a ComfyUI server",
+        description="Relay ComfyUI's progress to browsers. Every option can also be set in the environment.",
+    )
+    for name in (
+        "comfyui_url", "host", "port", "log_format", "log_level", "upstream_grace", "reconnect_initial",
+        "reconnect_max", "upstream_connect_timeout", "stall_check_interval", "http_connect_timeout",
+        "http_read_timeout", "ring_size", "subscriber_queue", "max_prompt_bytes", "max_client_frame",
+        "preview_slots", "public_prefix",
+    ):  # fmt: skip
+        default = getattr(RelayConfig(), name)
+        env = ENV_NAMES[name]
+        kind = type(default) if isinstance(default, (int, float)) else str
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            default=None,
+            metavar=name.split("_")[-1].upper(),
+            help=f"env {env} (default: {default!r})",
+        )
+
+
+def _run_relay(args: argparse.Namespace) -> int:
+    overrides = {k: v for k, v in vars(args).items() if k in ENV_NAMES and v is not None}
+    try:
+        config = RelayConfig.from_env(**overrides)
+    except ConfigError as exc:
+        print(f"comfy-relay serve: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_format, config.log_level)
+    app = create_relay_app(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        RelayServer(relay_uvicorn_config(app, config)).run()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="comfy-relay", description="A WebSocket event relay in front of ComfyUI."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _serve_parser(sub)
     _emulator_parser(sub)
     return parser
 
@@ -115,5 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "emulator":
         return _run_emulator(args)
+    if args.command == "serve":
+        return _run_relay(args)
     parser.print_help()
     return 2

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import httpx
 import pytest
 
+from relay.config import RelayConfig
 from relay.emulator import EmulatorConfig, RunningEmulator, run_emulator
+from relay.server import RunningRelay, run_relay
 from tests.driver import Session, open_session
 
 # Fast enough for a quick suite, slow enough that a 0.2 s probe step (10 ms here) still
@@ -40,3 +43,30 @@ async def slow_session() -> AsyncIterator[Session]:
         open_session(emulator.url) as current,
     ):
         yield current
+
+
+def relay_config(emulator: RunningEmulator, **overrides: object) -> RelayConfig:
+    """A relay in front of the test emulator, with short timers so tests do not wait."""
+    settings: dict[str, object] = {
+        "comfyui_url": emulator.url,
+        "port": 0,
+        "upstream_grace": 0.5,
+        "reconnect_initial": 0.05,
+        "reconnect_max": 0.5,
+        "stall_check_interval": 2.0,
+        "upstream_connect_timeout": 3.0,
+        **overrides,
+    }
+    return RelayConfig(**settings)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def relay(emulator: RunningEmulator) -> AsyncIterator[RunningRelay]:
+    async with run_relay(relay_config(emulator)) as running:
+        yield running
+
+
+@pytest.fixture
+async def relay_http(relay: RunningRelay) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=relay.url, timeout=30) as http:
+        yield http

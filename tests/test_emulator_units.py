@@ -10,9 +10,9 @@ import pytest
 from relay.emulator.cache import ResultCache
 from relay.emulator.errors import ServerCrash
 from relay.emulator.files import Folders
-from relay.emulator.graph import CycleError, ExecutionList
 from relay.emulator.nodes import NodeEnv, default_catalogue
 from relay.emulator.validation import validate_prompt
+from relay.graph import CycleError, ExecutionList
 from tests.tracekit import load_trace
 
 CATALOGUE = default_catalogue()

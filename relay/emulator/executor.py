@@ -26,10 +26,10 @@ from typing import Any
 
 from relay.emulator import images
 from relay.emulator.cache import CachedUI, ResultCache
-from relay.emulator.graph import CycleError, ExecutionList
 from relay.emulator.nodes import Catalogue, NodeEnv, Preview
 from relay.emulator.prompt_queue import QueueItem
 from relay.emulator.sockets import SocketHub
+from relay.graph import CycleError, ExecutionList
 from relay.protocol import ImageFormat, encode_preview, encode_preview_with_metadata, encode_text
 
 __all__ = ["Executor", "Interrupted", "RunOutcome"]

@@ -1,4 +1,7 @@
-"""Which node runs next (PROTOCOL.md §4).
+"""ComfyUI's graph rules: which nodes a prompt runs, and in what order (PROTOCOL.md §4).
+
+Shared by the emulator, which runs graphs, and the relay, which predicts the steps of a
+prompt before it runs.
 
 Only nodes that feed the chosen outputs run, and a node whose result is cached is not
 visited at all unless it is itself an output. Among the nodes that are ready, the server
@@ -10,10 +13,54 @@ depth-first, last input first, which is what makes ``EmptyImage -> PreviewImage`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-__all__ = ["CycleError", "ExecutionList"]
+__all__ = ["CycleError", "ExecutionList", "expected_order", "links", "upstream_of"]
+
+
+def links(node: Mapping[str, Any]) -> list[str]:
+    """Ids of the nodes this node takes input from (``[node_id, output_index]`` values)."""
+    inputs = node.get("inputs", {})
+    if not isinstance(inputs, dict):
+        return []
+    return [v[0] for v in inputs.values() if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)]
+
+
+def upstream_of(prompt: Mapping[str, Any], outputs: Iterable[str]) -> set[str]:
+    """The outputs and every node they depend on (the nodes a prompt considers)."""
+    seen: set[str] = set()
+    stack = [o for o in outputs if o in prompt]
+    while stack:
+        node_id = stack.pop()
+        if node_id in seen:
+            continue
+        seen.add(node_id)
+        node = prompt[node_id]
+        if isinstance(node, dict):
+            stack.extend(source for source in links(node) if source in prompt)
+    return seen
+
+
+def expected_order(
+    prompt: Mapping[str, Any], outputs: Iterable[str], is_output: Callable[[str], bool]
+) -> list[str]:
+    """The order ComfyUI will run the nodes in, assuming nothing is cached.
+
+    Nodes caught in a dependency cycle are appended at the end in graph order.
+    """
+    plan = ExecutionList(prompt, is_output, lambda _node_id: False)
+    plan.add_outputs(o for o in outputs if o in prompt)
+    order: list[str] = []
+    while plan:
+        try:
+            node_id = plan.next_node()
+        except CycleError:
+            order.extend(plan.remaining())
+            break
+        order.append(node_id)
+        plan.complete(node_id)
+    return order
 
 
 class CycleError(Exception):
@@ -23,7 +70,7 @@ class CycleError(Exception):
 class ExecutionList:
     def __init__(
         self,
-        prompt: dict[str, Any],
+        prompt: Mapping[str, Any],
         is_output: Callable[[str], bool],
         is_cached: Callable[[str], bool],
     ) -> None:

@@ -1,0 +1,357 @@
+"""The relay's ASGI app: ``/ws`` for browsers, ``POST /prompt``, previews, health.
+
+The lifespan owns every long-lived resource (the HTTP client to ComfyUI, the client
+sessions and their sockets) and closes them in order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import structlog
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from relay import __version__
+from relay.comfy import ComfyClient
+from relay.config import RelayConfig
+from relay.errors import (
+    CLOSE_BAD_REQUEST,
+    CLOSE_GOING_AWAY,
+    BadRequest,
+    PayloadTooLarge,
+    RelayError,
+    error_response,
+)
+from relay.fanout import Mode, Outgoing, Subscriber
+from relay.plans import build_plan, failed_outputs
+from relay.sessions import ClientSession, Sessions
+
+__all__ = ["RelayState", "create_app"]
+
+log = structlog.get_logger("relay.app")
+
+CLIENT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_MODES: tuple[Mode, ...] = ("relay", "comfy", "all")
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+class RelayState:
+    """What the lifespan creates and closes; reachable as ``app.state.relay``."""
+
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self.comfy = ComfyClient(config)
+        self.sessions = Sessions(config, self.comfy)
+        self.closing = False
+
+    async def start(self) -> None:
+        self.sessions.start()
+
+    async def close_clients(self, code: int = CLOSE_GOING_AWAY) -> None:
+        """Close every browser socket (shutdown); called before the server drops connections."""
+        self.closing = True
+        for session in self.sessions:
+            for subscriber in list(session.channel.subscribers):
+                await subscriber.close(code, "relay shutting down")
+
+    async def stop(self) -> None:
+        await self.close_clients()
+        await self.sessions.close()
+        await self.comfy.aclose()
+
+
+# WebSocket ---------------------------------------------------------------------------------
+
+
+def _socket_params(websocket: WebSocket) -> tuple[str | None, Mode, int | None, str | None]:
+    """clientId, events, since and epoch from the query string.
+
+    Raises:
+        BadRequest: a parameter is malformed.
+    """
+    query = websocket.query_params
+    client_id = query.get("clientId")
+    if client_id is not None and not CLIENT_ID.fullmatch(client_id):
+        raise BadRequest("clientId must be 1-64 characters of A-Z, a-z, 0-9, _ and -", "bad_client_id")
+    events = query.get("events", "relay")
+    if events not in _MODES:
+        raise BadRequest("events must be relay, comfy or all", "bad_events")
+    since: int | None = None
+    if "since" in query:
+        try:
+            since = int(query["since"])
+        except ValueError:
+            raise BadRequest(
+                "since must be a whole number (the last seq you received)", "bad_since"
+            ) from None
+        if since < 0:
+            raise BadRequest("since must not be negative", "bad_since")
+    mode: Mode = "relay" if events == "relay" else "comfy" if events == "comfy" else "all"
+    return client_id, mode, since, query.get("epoch")
+
+
+async def relay_socket(websocket: WebSocket) -> None:
+    state: RelayState = websocket.app.state.relay
+    config = state.config
+    try:
+        client_id, mode, since, epoch = _socket_params(websocket)
+    except BadRequest as problem:
+        await websocket.accept()
+        error = {"type": "relay.error", "code": problem.kind, "message": problem.message}
+        await websocket.send_text(orjson.dumps(error).decode())
+        await websocket.close(CLOSE_BAD_REQUEST, problem.message[:120])
+        return
+    if state.closing:
+        await websocket.close(CLOSE_GOING_AWAY)
+        return
+    await websocket.accept()
+    assigned = client_id is None
+    client_id = client_id or uuid.uuid4().hex
+    session = state.sessions.get(client_id)
+    subscriber = Subscriber(websocket, mode=mode, limit=config.subscriber_queue)
+    session.upstream.start()
+    _greet(session, subscriber, since=since, epoch=epoch, assigned=assigned)
+    # Greeting and replay were queued with no await since reading the ring: joining now
+    # leaves neither a gap nor a duplicate between replayed and live events.
+    session.add(subscriber)
+    subscriber.start()
+    log.info("client connected", client_id=client_id, events=mode, since=since)
+    try:
+        await _read_client(session, subscriber)
+    finally:
+        session.remove(subscriber)
+        subscriber.stop()
+        log.info("client disconnected", client_id=client_id)
+
+
+def _greet(
+    session: ClientSession, subscriber: Subscriber, *, since: int | None, epoch: str | None, assigned: bool
+) -> None:
+    channel = session.channel
+    replay = channel.since(since) if since is not None and epoch in (None, channel.epoch) else None
+    resumed = replay is not None
+    if subscriber.wants_relay:
+        upstream = session.upstream.state
+        hello = {
+            "type": "relay.hello",
+            "upstream": "down" if upstream == "closed" else upstream,
+            "resumed": resumed,
+            "version": __version__,
+            "epoch": channel.epoch,
+            "assigned": assigned,
+            "missed": len(replay) if replay is not None else None,
+        }
+        subscriber.offer(Outgoing(channel.stamp(hello)))
+        if replay is not None:
+            for payload in replay:
+                subscriber.offer(Outgoing(payload))
+        else:
+            for snapshot in session.snapshots():
+                subscriber.offer(Outgoing(channel.stamp(snapshot)))
+    if subscriber.wants_comfy:
+        remaining = session.translator.queue_remaining or 0
+        status = {
+            "type": "status",
+            "data": {"status": {"exec_info": {"queue_remaining": remaining}}, "sid": session.client_id},
+        }
+        subscriber.offer(Outgoing(orjson.dumps(status).decode()))
+
+
+async def _read_client(session: ClientSession, subscriber: Subscriber) -> None:
+    """Read what the client sends; only a ComfyUI-style feature_flags first message means anything."""
+    websocket = subscriber.websocket
+    first = True
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        text = message.get("text")
+        if text is None:
+            continue
+        try:
+            data = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            data = None
+        if (
+            first
+            and subscriber.wants_comfy
+            and isinstance(data, dict)
+            and data.get("type") == "feature_flags"
+        ):
+            flags = data.get("data")
+            subscriber.legacy_previews = not (
+                isinstance(flags, dict) and flags.get("supports_preview_metadata")
+            )
+            reply = {"type": "feature_flags", "data": {"supports_preview_metadata": True}}
+            subscriber.offer(Outgoing(orjson.dumps(reply).decode()))
+        elif subscriber.wants_relay:
+            code = "invalid_json" if data is None else "unsupported_message"
+            error = {
+                "type": "relay.error",
+                "code": code,
+                "message": "the relay does not take commands on this socket",
+            }
+            subscriber.offer(Outgoing(session.channel.stamp(error)))
+        first = False
+
+
+# HTTP ----------------------------------------------------------------------------------------
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the body is over the {limit}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _client_id_of(request: Request, body: dict[str, Any]) -> tuple[str, bool]:
+    """The client id from the body, else X-Client-Id, else ?clientId=; a new one if none."""
+    for candidate in (
+        body.get("client_id"),
+        request.headers.get("x-client-id"),
+        request.query_params.get("clientId"),
+    ):
+        if candidate is None or candidate == "":
+            continue
+        if not isinstance(candidate, str) or not CLIENT_ID.fullmatch(candidate):
+            raise BadRequest("client_id must be 1-64 characters of A-Z, a-z, 0-9, _ and -", "bad_client_id")
+        return candidate, False
+    return uuid.uuid4().hex, True
+
+
+async def post_prompt(request: Request) -> Response:
+    state: RelayState = request.app.state.relay
+    raw = await _read_body(request, state.config.max_prompt_bytes)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("the body is not valid JSON", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object", "invalid_body")
+    if "prompt" not in body:
+        raise BadRequest("no prompt: the body needs a 'prompt' object (an API-format graph)", "no_prompt")
+    graph = body["prompt"]
+    if not isinstance(graph, dict) or not all(isinstance(node, dict) for node in graph.values()):
+        raise BadRequest("'prompt' must be an object of nodes (an API-format graph)", "invalid_prompt")
+    client_id, _ = _client_id_of(request, body)
+    prompt_id = str(body.get("prompt_id") or uuid.uuid4())
+    session = state.sessions.get(client_id)
+    session.registering += 1
+    try:
+        await session.ensure_upstream()
+        classes = {str(node.get("class_type")) for node in graph.values()}
+        output_classes = await state.comfy.output_classes(classes)
+        targets = body.get("partial_execution_targets")
+        plan = build_plan(graph, output_classes, targets=targets)
+        session.translator.register(prompt_id, plan, time.monotonic())
+        forward = {**body, "client_id": client_id, "prompt_id": prompt_id}
+        try:
+            answer = await state.comfy.post_prompt(forward)
+        except RelayError:
+            session.translator.reject(prompt_id)
+            raise
+        if answer.status != 200:
+            session.translator.reject(prompt_id)
+            return Response(answer.content, status_code=answer.status, media_type=answer.content_type)
+        accepted = answer.json()
+        skip = failed_outputs(accepted.get("node_errors"))
+        if skip:
+            plan = build_plan(graph, output_classes, targets=targets, skip_outputs=skip)
+        session.publish(session.translator.accept(prompt_id, accepted.get("number"), time.monotonic(), plan))
+        log.info("prompt queued", client_id=client_id, prompt_id=prompt_id, steps=len(plan.steps))
+        return _json({**accepted, "client_id": client_id})
+    finally:
+        session.registering -= 1
+
+
+async def get_preview(request: Request) -> Response:
+    state: RelayState = request.app.state.relay
+    params = request.path_params
+    session = state.sessions.find(params["client_id"])
+    preview = session.previews.get(params["prompt_id"], params["node"]) if session is not None else None
+    if preview is None:
+        return _json(
+            {"error": {"type": "not_found", "message": "no such preview (it may have been replaced)"}}, 404
+        )
+    return Response(preview.data, media_type=preview.mime, headers={"Cache-Control": "no-store"})
+
+
+async def healthz(request: Request) -> Response:
+    return _json({"status": "ok", "version": __version__})
+
+
+async def _relay_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RelayError)
+    if exc.status >= 500:
+        log.warning("request failed", path=request.url.path, error=exc.message)
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return _json({"error": {"type": kind, "message": str(exc.detail)}}, exc.status_code)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unexpected error", path=request.url.path)
+    return _json(
+        {"error": {"type": "internal_error", "message": "the relay failed to handle this request"}}, 500
+    )
+
+
+def routes() -> list[BaseRoute]:
+    return [
+        WebSocketRoute("/ws", relay_socket),
+        WebSocketRoute("/api/ws", relay_socket),
+        Route("/prompt", post_prompt, methods=["POST"]),
+        Route("/api/prompt", post_prompt, methods=["POST"]),
+        Route("/previews/{client_id}/{prompt_id}/{node}", get_preview, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+    ]
+
+
+def create_app(config: RelayConfig | None = None) -> Starlette:
+    """Build the relay app. Nothing starts until the lifespan runs."""
+    config = config or RelayConfig.from_env()
+    state = RelayState(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await state.start()
+        log.info("relay started", comfyui=config.comfyui_url, version=__version__)
+        try:
+            yield
+        finally:
+            await state.stop()
+            log.info("relay stopped")
+
+    app = Starlette(
+        routes=routes(),
+        lifespan=lifespan,
+        exception_handlers={RelayError: _relay_error, HTTPException: _http_error, Exception: _unexpected},
+    )
+    app.state.relay = state
+    return app

@@ -1,0 +1,118 @@
+"""The relay's settings: one frozen value read once from flags and the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+__all__ = ["ENV_NAMES", "ConfigError", "RelayConfig"]
+
+LogFormat = Literal["console", "json"]
+
+
+class ConfigError(ValueError):
+    """A setting with a value the relay cannot use."""
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """Everything the relay can be told. Each field also reads from the environment (ENV_NAMES)."""
+
+    comfyui_url: str = "http://127.0.0.1:8188"
+    host: str = "127.0.0.1"
+    port: int = 8190
+    log_format: LogFormat = "console"
+    log_level: str = "info"
+    # Upstream sockets
+    # Seconds an upstream socket stays open once no tab and no prompt needs it.
+    upstream_grace: float = 30.0
+    # Reconnect backoff: first delay, cap, and the share of random jitter.
+    reconnect_initial: float = 0.25
+    reconnect_max: float = 10.0
+    reconnect_jitter: float = 0.3
+    # How long POST /prompt waits for the upstream socket before answering 502.
+    upstream_connect_timeout: float = 10.0
+    # While prompts are active and the upstream is silent this long, check /history.
+    stall_check_interval: float = 15.0
+    # HTTP client to ComfyUI
+    http_connect_timeout: float = 5.0
+    http_read_timeout: float = 60.0
+    http_max_connections: int = 100
+    # Limits
+    # Events kept per client for resuming with ?since=.
+    ring_size: int = 2048
+    # Frames a subscriber may have queued before progress coalesces and, at worst, it is closed.
+    subscriber_queue: int = 512
+    max_prompt_bytes: int = 16 * 1024 * 1024
+    max_client_frame: int = 64 * 1024
+    # Latest previews kept per client for GET /previews/...
+    preview_slots: int = 16
+    # Public path prefix under which file URLs in events are served.
+    public_prefix: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.comfyui_url.startswith(("http://", "https://")):
+            raise ConfigError(f"COMFYUI_URL must be an http(s) URL, not {self.comfyui_url!r}")
+        if self.log_format not in ("console", "json"):
+            raise ConfigError(f"RELAY_LOG_FORMAT must be console or json, not {self.log_format!r}")
+        for name in ("upstream_grace", "reconnect_initial", "reconnect_max", "upstream_connect_timeout"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative")
+        if self.ring_size < 1 or self.subscriber_queue < 8:
+            raise ConfigError("ring_size must be at least 1 and subscriber_queue at least 8")
+
+    @property
+    def comfyui_ws_url(self) -> str:
+        base = self.comfyui_url.rstrip("/")
+        return "ws" + base.removeprefix("http") + "/ws"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> RelayConfig:
+        """Defaults, then the environment, then explicit overrides (command-line flags)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            env_name = ENV_NAMES.get(f.name)
+            if env_name is None or env_name not in environ:
+                continue
+            raw = environ[env_name]
+            default = f.default
+            try:
+                if isinstance(default, bool):
+                    values[f.name] = raw.lower() in ("1", "true", "yes", "on")
+                elif isinstance(default, int):
+                    values[f.name] = int(raw)
+                elif isinstance(default, float):
+                    values[f.name] = float(raw)
+                else:
+                    values[f.name] = raw
+            except ValueError as exc:
+                raise ConfigError(f"{env_name}={raw!r}: {exc}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+ENV_NAMES: dict[str, str] = {
+    "comfyui_url": "COMFYUI_URL",
+    "host": "RELAY_HOST",
+    "port": "RELAY_PORT",
+    "log_format": "RELAY_LOG_FORMAT",
+    "log_level": "RELAY_LOG_LEVEL",
+    "upstream_grace": "RELAY_UPSTREAM_GRACE",
+    "reconnect_initial": "RELAY_RECONNECT_INITIAL",
+    "reconnect_max": "RELAY_RECONNECT_MAX",
+    "reconnect_jitter": "RELAY_RECONNECT_JITTER",
+    "upstream_connect_timeout": "RELAY_UPSTREAM_CONNECT_TIMEOUT",
+    "stall_check_interval": "RELAY_STALL_CHECK_INTERVAL",
+    "http_connect_timeout": "RELAY_HTTP_CONNECT_TIMEOUT",
+    "http_read_timeout": "RELAY_HTTP_READ_TIMEOUT",
+    "http_max_connections": "RELAY_HTTP_MAX_CONNECTIONS",
+    "ring_size": "RELAY_RING_SIZE",
+    "subscriber_queue": "RELAY_SUBSCRIBER_QUEUE",
+    "max_prompt_bytes": "RELAY_MAX_PROMPT_BYTES",
+    "max_client_frame": "RELAY_MAX_CLIENT_FRAME",
+    "preview_slots": "RELAY_PREVIEW_SLOTS",
+    "public_prefix": "RELAY_PUBLIC_PREFIX",
+}

@@ -1,0 +1,273 @@
+"""Fan-out of one client's events to all of its browser tabs.
+
+Publishing never awaits a subscriber: an event is serialized once, appended to the client's
+ring buffer (for resuming), and offered to every subscriber's bounded queue with a
+synchronous call. Each subscriber has its own writer task. When a subscriber falls behind,
+queued progress and previews of the same node are replaced by the latest one; step, output
+and terminal events are never dropped; a subscriber whose queue still overflows is closed
+with 1013 and can reconnect with ``?since=`` to resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+import structlog
+from starlette.websockets import WebSocket, WebSocketState
+
+from relay.errors import CLOSE_TOO_SLOW
+
+__all__ = ["Channel", "Mode", "Outgoing", "Subscriber", "coalesce_key"]
+
+log = structlog.get_logger("relay.fanout")
+
+Mode = Literal["relay", "comfy", "all"]
+Key = tuple[Any, ...]
+
+# How long a hopeless subscriber's closing handshake may take before the socket is left to die.
+_CLOSE_TIMEOUT = 2.0
+
+# Event types where only the latest one per (prompt, node) matters to a late reader.
+_COALESCIBLE = frozenset({"relay.progress", "relay.preview", "relay.queue"})
+
+
+def coalesce_key(event: dict[str, Any]) -> Key | None:
+    event_type = event.get("type")
+    if event_type not in _COALESCIBLE:
+        return None
+    return (event_type, event.get("prompt_id"), event.get("node"))
+
+
+@dataclass(slots=True, eq=False)
+class Outgoing:
+    """A frame waiting in a subscriber's queue."""
+
+    payload: str | bytes
+    key: Key | None = None
+    alive: bool = True
+
+    @property
+    def size(self) -> int:
+        return len(self.payload)
+
+
+class Subscriber:
+    """One browser tab (or wscat): its queue and the task that writes it to the socket."""
+
+    def __init__(
+        self,
+        websocket: WebSocket,
+        *,
+        mode: Mode,
+        limit: int,
+        byte_limit: int = 64 * 1024 * 1024,
+        legacy_previews: bool = True,
+    ) -> None:
+        self.websocket = websocket
+        self.mode = mode
+        self.limit = limit
+        self.byte_limit = byte_limit
+        # Raw ComfyUI previews as event 1 unless this client negotiated preview metadata.
+        self.legacy_previews = legacy_previews
+        # A subscriber counts as behind, and its progress starts to coalesce, past this depth.
+        self.coalesce_after = max(1, min(16, limit // 4))
+        self._queue: deque[Outgoing] = deque()
+        self._by_key: dict[Key, Outgoing] = {}
+        self._live = 0
+        self._bytes = 0
+        self._wakeup = asyncio.Event()
+        self._overflowed = False
+        self.closed = False
+        self.coalesced = 0
+        self.dropped = 0
+        self.task: asyncio.Task[None] | None = None
+        self._closer: asyncio.Task[None] | None = None
+
+    @property
+    def wants_relay(self) -> bool:
+        return self.mode != "comfy"
+
+    @property
+    def wants_comfy(self) -> bool:
+        return self.mode != "relay"
+
+    @property
+    def depth(self) -> int:
+        return self._live
+
+    def offer(self, frame: Outgoing) -> None:
+        """Queue a frame without waiting. Never raises; a hopeless subscriber is marked for closing."""
+        if self.closed or self._overflowed:
+            return
+        if frame.key is not None and self._live >= self.coalesce_after:
+            previous = self._by_key.get(frame.key)
+            if previous is not None:
+                self._kill(previous)
+                self.coalesced += 1
+        while self._live >= self.limit or self._bytes + frame.size > self.byte_limit:
+            if not self._evict_oldest_coalescible():
+                self._give_up()
+                return
+        self._queue.append(frame)
+        self._live += 1
+        self._bytes += frame.size
+        if frame.key is not None:
+            self._by_key[frame.key] = frame
+        self._wakeup.set()
+
+    def _kill(self, frame: Outgoing) -> None:
+        """Drop a queued frame in place; the writer skips it."""
+        frame.alive = False
+        self._live -= 1
+        self._bytes -= frame.size
+        if frame.key is not None and self._by_key.get(frame.key) is frame:
+            del self._by_key[frame.key]
+
+    def _evict_oldest_coalescible(self) -> bool:
+        for queued in self._queue:
+            if queued.alive and queued.key is not None:
+                self._kill(queued)
+                self.dropped += 1
+                return True
+        return False
+
+    def _next(self) -> Outgoing | None:
+        while self._queue:
+            frame = self._queue.popleft()
+            if not frame.alive:
+                continue
+            self._kill(frame)
+            return frame
+        return None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._write_forever(), name="relay-subscriber-writer")
+
+    def _give_up(self) -> None:
+        """The queue overflowed with frames that must not be dropped: close this subscriber."""
+        self._overflowed = True
+        self._queue.clear()
+        self._by_key.clear()
+        self._live = self._bytes = 0
+        if self._closer is None:
+            self._closer = asyncio.create_task(self._close_hopeless(), name="relay-subscriber-closer")
+
+    async def _close_hopeless(self) -> None:
+        # The writer may be stuck in a send to a socket whose buffers are full: stop it first.
+        log.warning(
+            "closing a subscriber that fell too far behind", dropped=self.dropped, coalesced=self.coalesced
+        )
+        await self._stop_writer()
+        with contextlib.suppress(OSError, RuntimeError, TimeoutError):
+            async with asyncio.timeout(_CLOSE_TIMEOUT):
+                await self.websocket.close(CLOSE_TOO_SLOW, "too slow: reconnect with ?since= to resume")
+        self.closed = True
+
+    async def _stop_writer(self) -> None:
+        task = self.task
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _write_forever(self) -> None:
+        websocket = self.websocket
+        try:
+            while not self._overflowed:
+                frame = self._next()
+                if frame is None:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                if isinstance(frame.payload, bytes):
+                    await websocket.send_bytes(frame.payload)
+                else:
+                    await websocket.send_text(frame.payload)
+        except (OSError, RuntimeError) as exc:
+            # The socket went away under us (disconnect, or a send after close).
+            log.debug("subscriber writer stopped", error=repr(exc))
+        finally:
+            self.closed = True
+
+    async def close(self, code: int, reason: str = "") -> None:
+        """Stop writing and close the socket (shutdown)."""
+        self.closed = True
+        await self._stop_writer()
+        if self.websocket.application_state is WebSocketState.CONNECTED:
+            with contextlib.suppress(OSError, RuntimeError):
+                await self.websocket.close(code, reason)
+
+    def stop(self) -> None:
+        """The client went away: cancel this subscriber's tasks (no await needed)."""
+        self.closed = True
+        for task in (self.task, self._closer):
+            if task is not None and not task.done():
+                task.cancel()
+
+
+class Channel:
+    """A client's event stream: sequence numbers, the resume ring, and its subscribers."""
+
+    def __init__(self, client_id: str, *, ring_size: int, clock: Callable[[], float] = time.time) -> None:
+        self.client_id = client_id
+        self.seq = 0
+        # Identifies this stream: a relay restart starts a new one, whose seq restart at 1.
+        self.epoch = secrets.token_hex(4)
+        self._ring: deque[tuple[int, str]] = deque(maxlen=ring_size)
+        self._clock = clock
+        self.subscribers: set[Subscriber] = set()
+
+    def stamp(self, event: dict[str, Any], *, seq: int | None = None) -> str:
+        """Serialize an event with its envelope; stream events take the next seq."""
+        envelope = {
+            "type": event["type"],
+            "seq": self.seq if seq is None else seq,
+            "ts": round(self._clock(), 3),
+            "client_id": self.client_id,
+        }
+        envelope.update((k, v) for k, v in event.items() if k != "type")
+        return orjson.dumps(envelope).decode()
+
+    def publish(self, event: dict[str, Any]) -> None:
+        """Sequence, serialize once, remember for resuming, offer to every relay subscriber."""
+        self.seq += 1
+        payload = self.stamp(event, seq=self.seq)
+        self._ring.append((self.seq, payload))
+        key = coalesce_key(event)
+        for subscriber in self.subscribers:
+            if subscriber.wants_relay:
+                subscriber.offer(Outgoing(payload, key))
+
+    def publish_raw(
+        self, payload: str | bytes, *, key: Key | None = None, legacy: bytes | None = None
+    ) -> None:
+        """Forward a ComfyUI frame unchanged to subscribers that asked for them (``events=comfy|all``).
+
+        ``legacy`` is the event-1 form of an event-4 preview, for clients that did not
+        negotiate preview metadata.
+        """
+        for subscriber in self.subscribers:
+            if subscriber.wants_comfy:
+                chosen = legacy if legacy is not None and subscriber.legacy_previews else payload
+                subscriber.offer(Outgoing(chosen, key))
+
+    def since(self, seq: int) -> list[str] | None:
+        """Events after ``seq`` still in the ring; None when the ring no longer covers the gap."""
+        if seq > self.seq:
+            return None
+        if seq == self.seq:
+            return []
+        if not self._ring or self._ring[0][0] > seq + 1:
+            return None
+        return [payload for number, payload in self._ring if number > seq]
+
+    def __iter__(self) -> Iterator[Subscriber]:
+        return iter(self.subscribers)

@@ -1,0 +1,41 @@
+"""The latest live preview images per client, served over HTTP so events stay small JSON."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from urllib.parse import quote
+
+__all__ = ["Preview", "PreviewStore"]
+
+
+@dataclass(frozen=True, slots=True)
+class Preview:
+    mime: str
+    data: bytes
+    version: int
+
+
+class PreviewStore:
+    """Keeps the newest preview of each (prompt, node), at most ``slots`` of them."""
+
+    def __init__(self, client_id: str, *, slots: int, prefix: str = "") -> None:
+        self.client_id = client_id
+        self.slots = slots
+        self.prefix = prefix
+        self._items: OrderedDict[tuple[str, str], Preview] = OrderedDict()
+        self._version = 0
+
+    def put(self, prompt_id: str, node: str, mime: str, data: bytes) -> str:
+        """Store a preview and return the URL that serves it."""
+        self._version += 1
+        key = (prompt_id, node)
+        self._items.pop(key, None)
+        self._items[key] = Preview(mime, data, self._version)
+        while len(self._items) > self.slots:
+            self._items.popitem(last=False)
+        path = "/".join(quote(part, safe="") for part in (self.client_id, prompt_id, node))
+        return f"{self.prefix}/previews/{path}?v={self._version}"
+
+    def get(self, prompt_id: str, node: str) -> Preview | None:
+        return self._items.get((prompt_id, node))

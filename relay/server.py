@@ -1,0 +1,107 @@
+"""Running the relay under uvicorn, standalone or inside a test's event loop.
+
+uvicorn closes WebSockets with 1012 when it shuts down; the relay first closes its browser
+sockets itself with 1001 (going away), which clients treat as a reason to reconnect later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import uvicorn
+from starlette.applications import Starlette
+
+from relay.app import RelayState, create_app
+from relay.config import RelayConfig
+
+__all__ = ["RelayServer", "RunningRelay", "run_relay", "uvicorn_config"]
+
+
+def uvicorn_config(app: Starlette, config: RelayConfig) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        lifespan="on",
+        log_config=None,  # logging is configured by relay.logs
+        access_log=False,
+        # Browser sockets: no compression (cheap fan-out), small incoming frames.
+        ws_per_message_deflate=False,
+        ws_max_size=config.max_client_frame,
+        timeout_graceful_shutdown=10,
+    )
+
+
+class RelayServer(uvicorn.Server):
+    """uvicorn, with the relay closing its clients with 1001 before uvicorn drops connections."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()
+        app = self.config.app
+        state = getattr(getattr(app, "state", None), "relay", None)
+        if isinstance(state, RelayState):
+            await state.close_clients()
+        await super().shutdown(sockets)
+
+
+class RunningRelay:
+    def __init__(self, config: RelayConfig) -> None:
+        self.config = config
+        self.port = config.port
+        self.app: Starlette | None = None
+        self._server: RelayServer | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.config.host}:{self.port}/ws"
+
+    @property
+    def state(self) -> RelayState:
+        assert self.app is not None, "the relay is not running"
+        state: RelayState = self.app.state.relay
+        return state
+
+    async def start(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.config.host, self.port))
+        self.port = sock.getsockname()[1]
+        config = replace(self.config, port=self.port)
+        self.app = create_app(config)
+        self._server = RelayServer(uvicorn_config(self.app, config))
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="relay-server")
+        while not self._server.started:
+            if self._task.done():
+                await self._task
+                raise RuntimeError("the relay stopped while starting")
+            await asyncio.sleep(0.005)
+
+    async def stop(self) -> None:
+        if self._server is None or self._task is None:
+            return
+        self._server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._server = None
+        self._task = None
+
+
+@contextlib.asynccontextmanager
+async def run_relay(config: RelayConfig) -> AsyncIterator[RunningRelay]:
+    """Run a relay in this event loop for the duration of the block (port 0: any free port)."""
+    relay = RunningRelay(config)
+    await relay.start()
+    try:
+        yield relay
+    finally:
+        await relay.stop()

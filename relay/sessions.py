@@ -1,0 +1,284 @@
+"""Per-client state: the upstream socket, the translator, the event channel and previews.
+
+A session exists while a client has tabs open, prompts in flight, or recent events worth
+resuming from. Its upstream socket opens on the first tab or prompt and closes after
+``upstream_grace`` seconds without either; an idle session is forgotten after ``session_ttl``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+import structlog
+
+from relay.comfy import ComfyClient
+from relay.config import RelayConfig
+from relay.errors import RelayError, UpstreamUnavailable
+from relay.fanout import Channel, Subscriber
+from relay.previews import PreviewStore
+from relay.protocol import BinaryEvent, ImageFormat, ProtocolError, decode_binary_frame, encode_preview
+from relay.translator import Translator
+from relay.upstream import State, Upstream
+
+__all__ = ["ClientSession", "Sessions"]
+
+log = structlog.get_logger("relay.session")
+
+# How long a session with nothing open and nothing running is kept for resuming.
+SESSION_TTL = 600.0
+
+
+class ClientSession:
+    def __init__(self, client_id: str, config: RelayConfig, comfy: ComfyClient) -> None:
+        self.client_id = client_id
+        self.config = config
+        self.comfy = comfy
+        self.channel = Channel(client_id, ring_size=config.ring_size)
+        self.previews = PreviewStore(client_id, slots=config.preview_slots, prefix=config.public_prefix)
+        self.translator = Translator(file_url=self._file_url)
+        self.upstream = Upstream(client_id, self, config)
+        self.log = log.bind(client_id=client_id)
+        # POSTs between registering a prompt and ComfyUI's answer keep the upstream open.
+        self.registering = 0
+        self.idle_since: float | None = time.monotonic()
+
+    # Lifecycle --------------------------------------------------------------------------
+
+    @property
+    def needed(self) -> bool:
+        return bool(self.channel.subscribers) or bool(self.translator.active()) or self.registering > 0
+
+    async def ensure_upstream(self) -> None:
+        """Make sure the upstream socket is open, so that no event of a new prompt is missed.
+
+        Raises:
+            UpstreamUnavailable: ComfyUI's socket could not be opened in time.
+        """
+        if not await self.upstream.wait_connected(self.config.upstream_connect_timeout):
+            raise UpstreamUnavailable(
+                f"ComfyUI's WebSocket is unreachable: {self.upstream.reason or 'timed out'}"
+            )
+
+    def add(self, subscriber: Subscriber) -> None:
+        self.channel.subscribers.add(subscriber)
+        self.idle_since = None
+        self.upstream.start()
+
+    def remove(self, subscriber: Subscriber) -> None:
+        self.channel.subscribers.discard(subscriber)
+
+    # Publishing -------------------------------------------------------------------------
+
+    def publish(self, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            self.channel.publish(event)
+            self._log(event)
+
+    def _log(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        if kind == "relay.step" and event["state"] == "running":
+            width = len(str(event["total"]))
+            position = f"[{event['index']:>{width}}/{event['total']}]"
+            self.log.info(
+                f"{position} {event['name']} (elapsed {event['elapsed']:.1f} s)",
+                prompt_id=event["prompt_id"],
+                node=event["node"],
+            )
+        elif kind == "relay.step" and event["state"] == "error":
+            self.log.warning(
+                "step failed", prompt_id=event["prompt_id"], node=event["node"], name=event["name"]
+            )
+        elif kind == "relay.started":
+            self.log.info("prompt started", prompt_id=event["prompt_id"], total=event["total"],
+                          cached=len(event["cached"]), queued_for=event["queued_for"])  # fmt: skip
+        elif kind == "relay.done":
+            self.log.info("prompt ended", prompt_id=event["prompt_id"], status=event["status"],
+                          elapsed=event["elapsed"], recovered=event["recovered"])  # fmt: skip
+
+    def _file_url(self, ref: Any) -> str:
+        query = urlencode({"filename": ref["filename"], "subfolder": ref["subfolder"], "type": ref["type"]})
+        return f"{self.config.public_prefix}/view?{query}"
+
+    # UpstreamHandler ---------------------------------------------------------------------
+
+    def on_frame(self, frame: str | bytes) -> None:
+        now = time.monotonic()
+        if isinstance(frame, str):
+            self._on_text(frame, now)
+        else:
+            self._on_binary(frame, now)
+
+    def _on_text(self, frame: str, now: float) -> None:
+        try:
+            message = orjson.loads(frame)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(message, dict):
+            return
+        ours = self._is_ours(message)
+        self.publish(self.translator.feed(message, now))
+        if ours:
+            key = (
+                (message.get("type"), None, None)
+                if message.get("type") in ("progress", "progress_state")
+                else None
+            )
+            self.channel.publish_raw(frame, key=key)
+
+    def _is_ours(self, message: dict[str, Any]) -> bool:
+        """Whether a raw ComfyUI message may be forwarded to this client's raw subscribers."""
+        message_type = message.get("type")
+        if message_type == "feature_flags":
+            return False  # the reply to the relay's own negotiation
+        if message_type == "status":
+            return True  # queue size only, no content
+        data = message.get("data")
+        prompt_id = data.get("prompt_id") if isinstance(data, dict) else None
+        if prompt_id is None:
+            return message_type == "executing" and self.translator.running is not None
+        return self.translator.knows(str(prompt_id))
+
+    def _on_binary(self, frame: bytes, now: float) -> None:
+        try:
+            decoded = decode_binary_frame(frame)
+        except ProtocolError:
+            return
+        translator = self.translator
+        if decoded.event is BinaryEvent.TEXT:
+            if translator.running is not None:
+                self.publish(translator.text(decoded.node_id, decoded.text, now))
+                self.channel.publish_raw(frame)
+            return
+        metadata = decoded.metadata or {}
+        prompt_id = (
+            metadata.get("prompt_id") if decoded.event is BinaryEvent.PREVIEW_IMAGE_WITH_METADATA else None
+        )
+        if prompt_id is None:
+            # A legacy preview: ours only if our prompt runs and the server has no metadata.
+            if translator.metadata_supported or translator.running is None:
+                return
+            prompt_id = translator.running
+        if not isinstance(prompt_id, str) or not translator.knows(prompt_id):
+            return
+        node = str(metadata.get("node_id") or translator.current_node(prompt_id) or "")
+        url = self.previews.put(prompt_id, node, decoded.mime, decoded.image)
+        self.publish(translator.preview(prompt_id, node, decoded.mime, url, now))
+        legacy = None
+        if decoded.event is BinaryEvent.PREVIEW_IMAGE_WITH_METADATA:
+            with contextlib.suppress(ProtocolError):
+                legacy = encode_preview(decoded.image, ImageFormat.from_mime(decoded.mime))
+        self.channel.publish_raw(frame, key=("preview", prompt_id, node), legacy=legacy)
+
+    def on_state(self, state: State, attempt: int, reason: str | None) -> None:
+        if state == "closed":
+            return
+        self.publish([{"type": "relay.upstream", "state": state, "attempt": attempt, "reason": reason}])
+
+    async def on_connected(self, reconnected: bool) -> None:
+        if reconnected:
+            await self.reconcile()
+
+    def needs_watch(self) -> bool:
+        return bool(self.translator.active())
+
+    async def on_silence(self) -> bool:
+        """Check on active prompts through HTTP; a prompt finished unseen means we were orphaned."""
+        closed = await self.reconcile()
+        if closed:
+            self.log.warning("prompts finished without a word on the socket; reopening it", closed=closed)
+        return closed > 0
+
+    async def reconcile(self) -> int:
+        """Settle prompts that ended while the socket was away; returns how many it closed."""
+        active = self.translator.active()
+        if not active:
+            return 0
+        try:
+            alive = await self.comfy.queue_ids()
+            closed = 0
+            for prompt_id in active:
+                if prompt_id in alive:
+                    continue
+                entry = (await self.comfy.history(prompt_id)).get(prompt_id)
+                now = time.monotonic()
+                if isinstance(entry, dict):
+                    events = self.translator.recover(prompt_id, entry, now)
+                else:
+                    reason = "ComfyUI no longer knows this prompt (it may have restarted); its result is lost"
+                    events = self.translator.lost(prompt_id, reason, now)
+                closed += bool(events)
+                self.publish(events)
+            return closed
+        except RelayError as exc:
+            self.log.warning("could not reconcile prompts", reason=exc.message)
+            return 0
+
+    # Snapshots for clients that cannot resume ---------------------------------------------
+
+    def snapshots(self) -> Iterator[dict[str, Any]]:
+        now = time.monotonic()
+        for prompt_id in self.translator.active():
+            snapshot = self.translator.snapshot(prompt_id, now)
+            if snapshot is not None:
+                yield snapshot
+
+
+class Sessions:
+    """Every client's session, and the reaper that closes idle upstream sockets."""
+
+    def __init__(self, config: RelayConfig, comfy: ComfyClient) -> None:
+        self.config = config
+        self.comfy = comfy
+        self._sessions: dict[str, ClientSession] = {}
+        self._reaper: asyncio.Task[None] | None = None
+
+    def get(self, client_id: str) -> ClientSession:
+        session = self._sessions.get(client_id)
+        if session is None:
+            session = self._sessions[client_id] = ClientSession(client_id, self.config, self.comfy)
+        return session
+
+    def find(self, client_id: str) -> ClientSession | None:
+        return self._sessions.get(client_id)
+
+    def __iter__(self) -> Iterator[ClientSession]:
+        return iter(list(self._sessions.values()))
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def start(self) -> None:
+        self._reaper = asyncio.create_task(self._reap_forever(), name="relay-session-reaper")
+
+    async def _reap_forever(self) -> None:
+        interval = max(0.05, min(1.0, self.config.upstream_grace / 4))
+        while True:
+            await asyncio.sleep(interval)
+            await self.reap(time.monotonic())
+
+    async def reap(self, now: float) -> None:
+        for session in list(self._sessions.values()):
+            if session.needed:
+                session.idle_since = None
+                continue
+            if session.idle_since is None:
+                session.idle_since = now
+            idle = now - session.idle_since
+            if idle >= self.config.upstream_grace and session.upstream.running:
+                session.log.info("closing idle upstream socket", idle=round(idle, 1))
+                await session.upstream.close()
+            if idle >= SESSION_TTL:
+                del self._sessions[session.client_id]
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        await asyncio.gather(*(s.upstream.close() for s in self._sessions.values()), return_exceptions=True)

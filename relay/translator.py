@@ -1,0 +1,593 @@
+"""ComfyUI's node-level messages in, step-indexed relay events out.
+
+Pure: frames and the current time go in, event dicts come out. No awaits, no clocks, no
+sockets. The I/O layers (upstream socket, fan-out) stamp each event with ``seq``, ``ts`` and
+``client_id`` and deliver it.
+
+Step semantics (the contract in ``docs/events.md``):
+
+* ``total`` is the number of nodes ComfyUI will consider for the run: the nodes feeding the
+  output nodes it will execute. A node that runs without being predicted is added.
+* Cached nodes count as completed from the start and take the first indexes; after them,
+  ``index`` is the 1-based position in the order steps began.
+* ``percent`` counts completed steps plus the running node's fraction, over ``total``.
+* ``elapsed`` is measured from ``execution_start``; the wait in the queue is ``queued_for``.
+
+Only prompts that were registered here produce events: frames about other prompts (ComfyUI
+broadcasts some of them to every socket) are dropped, so no client sees another's work.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["Plan", "StepSpec", "Translator", "humanize"]
+
+Event = dict[str, Any]
+Phase = Literal["registered", "queued", "running", "finished"]
+
+# UI keys whose lists hold files ({filename, subfolder, type}), as output nodes report them.
+_FILE_KEYS = ("images", "gifs", "video", "videos", "audio", "files", "meshes", "3d")
+_FINISHED_RUNS_KEPT = 64
+
+
+def humanize(class_type: str) -> str:
+    """A readable name for a class type: ``VAEDecode`` -> ``VAE Decode``."""
+    # Split before a capital that follows a lower-case letter, and after an acronym of two or
+    # more capitals ("VAE|Decode"), but keep a single leading capital ("KSampler").
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z]{2})(?=[A-Z][a-z])", " ", class_type)
+    return spaced.replace("_", " ").strip() or class_type
+
+
+@dataclass(frozen=True, slots=True)
+class StepSpec:
+    node: str
+    class_type: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The steps a prompt is expected to run, in order, and every other node of its graph."""
+
+    steps: tuple[StepSpec, ...]
+    others: Mapping[str, StepSpec] = field(default_factory=dict)
+    workflow: str | None = None
+
+
+@dataclass(slots=True)
+class _Step:
+    spec: StepSpec
+    index: int | None = None
+    state: str = "pending"  # pending, cached, running, done, error, interrupted
+    started: float | None = None
+    duration: float | None = None
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "node": self.spec.node,
+            "class_type": self.spec.class_type,
+            "name": self.spec.name,
+            "index": self.index,
+            "state": self.state,
+            "duration": self.duration,
+        }
+
+
+@dataclass(slots=True)
+class _Run:
+    prompt_id: str
+    plan: Plan
+    registered_at: float
+    steps: OrderedDict[str, _Step]
+    phase: Phase = "registered"
+    number: float | int | None = None
+    queued_at: float | None = None
+    started_at: float | None = None
+    started_sent: bool = False
+    next_index: int = 1
+    current: str | None = None
+    fraction: float = 0.0
+    outputs: dict[str, Any] = field(default_factory=dict)
+    held: list[tuple[str, Any, float]] = field(default_factory=list)
+    preview_version: int = 0
+    status: str | None = None
+    ended_at: float | None = None
+
+    @property
+    def total(self) -> int:
+        return len(self.steps)
+
+    @property
+    def completed(self) -> int:
+        return sum(1 for s in self.steps.values() if s.state in ("done", "cached"))
+
+    def percent(self) -> float:
+        if not self.steps:
+            return 100.0 if self.phase == "finished" else 0.0
+        value = (self.completed + self.fraction) / self.total * 100
+        return round(min(100.0, value), 1)
+
+    def elapsed(self, now: float) -> float:
+        if self.started_at is None:
+            return 0.0
+        end = self.ended_at if self.ended_at is not None else now
+        return round(max(0.0, end - self.started_at), 3)
+
+
+class Translator:
+    """Per-client translation state: the prompts this client submitted through the relay."""
+
+    def __init__(self, *, file_url: Callable[[Mapping[str, Any]], str]) -> None:
+        self._file_url = file_url
+        self._runs: dict[str, _Run] = {}
+        self._finished: OrderedDict[str, _Run] = OrderedDict()
+        self.running: str | None = None
+        self.queue_remaining: int | None = None
+        self.metadata_supported = False
+
+    def knows(self, prompt_id: str) -> bool:
+        """Whether the prompt is one of this client's (running, waiting, or recently ended)."""
+        return prompt_id in self._runs or prompt_id in self._finished
+
+    def current_node(self, prompt_id: str) -> str | None:
+        run = self._runs.get(prompt_id)
+        return run.current if run is not None else None
+
+    # Registration (from the relay's own POST /prompt) -------------------------------------
+
+    def register(self, prompt_id: str, plan: Plan, now: float) -> None:
+        """Know a prompt before ComfyUI does, so no event can arrive for an unknown prompt."""
+        steps = OrderedDict((spec.node, _Step(spec)) for spec in plan.steps)
+        self._runs[prompt_id] = _Run(prompt_id, plan, now, steps)
+
+    def accept(
+        self, prompt_id: str, number: float | int | None, now: float, plan: Plan | None = None
+    ) -> list[Event]:
+        """ComfyUI accepted the prompt: announce it, then replay frames that raced the answer."""
+        run = self._runs.get(prompt_id)
+        if run is None or run.phase != "registered":
+            return []
+        if plan is not None:
+            run.plan = plan
+            run.steps = OrderedDict((spec.node, _Step(spec)) for spec in plan.steps)
+        run.phase = "queued"
+        run.number = number
+        run.queued_at = now
+        steps = [{"node": s.node, "class_type": s.class_type, "name": s.name} for s in run.plan.steps]
+        events = [self._event(run, "relay.queued", number=number, total=run.total, steps=steps)]
+        if run.plan.workflow is not None:
+            events[0]["workflow"] = run.plan.workflow
+        held, run.held = run.held, []
+        for kind, payload, at in held:
+            events += self._dispatch(kind, payload, at)
+        return events
+
+    def reject(self, prompt_id: str) -> None:
+        """ComfyUI refused the prompt (or could not be reached): forget it, no events."""
+        self._runs.pop(prompt_id, None)
+
+    # Frames from the upstream socket -------------------------------------------------------
+
+    def feed(self, message: Mapping[str, Any], now: float) -> list[Event]:
+        """A JSON message from ComfyUI."""
+        return self._dispatch("json", message, now)
+
+    def text(self, node: str, text: str, now: float) -> list[Event]:
+        """A progress-text frame. ComfyUI sends these to everybody; only ours while we run count."""
+        return self._dispatch("text", (node, text), now)
+
+    def preview(
+        self, prompt_id: str | None, node: str | None, mime: str, url: str, now: float
+    ) -> list[Event]:
+        """A live preview that the I/O layer stored at ``url``.
+
+        ``prompt_id`` is None for legacy previews, which are ours only if our prompt runs and
+        the server does not do preview metadata.
+        """
+        return self._dispatch("preview", (prompt_id, node, mime, url), now)
+
+    def _dispatch(self, kind: str, payload: Any, now: float) -> list[Event]:
+        prompt_id = self._prompt_of(kind, payload)
+        if prompt_id is None:
+            return self._global(kind, payload)
+        run = self._runs.get(prompt_id)
+        if run is None:
+            return []
+        if run.phase == "registered":
+            run.held.append((kind, payload, now))
+            return []
+        if kind == "text":
+            node, text = payload
+            return [self._event(run, "relay.text", node=node, text=text)]
+        if kind == "preview":
+            _, node, mime, url = payload
+            run.preview_version += 1
+            node = node or run.current
+            return [
+                self._event(run, "relay.preview", node=node, mime=mime, url=url, version=run.preview_version)
+            ]
+        return self._message(run, payload, now)
+
+    def _prompt_of(self, kind: str, payload: Any) -> str | None:
+        if kind == "text":
+            return self.running
+        if kind == "preview":
+            prompt_id, *_ = payload
+            if prompt_id is None and not self.metadata_supported:
+                return self.running
+            return prompt_id if isinstance(prompt_id, str) else None
+        data = payload.get("data")
+        if not isinstance(data, dict):
+            return None
+        prompt_id = data.get("prompt_id")
+        if prompt_id is None and payload.get("type") == "executing" and data.get("node") is not None:
+            return self.running  # the replay a reconnecting socket gets: no prompt_id
+        return prompt_id if isinstance(prompt_id, str) else None
+
+    def _global(self, kind: str, payload: Any) -> list[Event]:
+        if kind != "json":
+            return []
+        message_type, data = payload.get("type"), payload.get("data")
+        if not isinstance(data, dict):
+            return []
+        if message_type == "feature_flags":
+            self.metadata_supported = bool(data.get("supports_preview_metadata"))
+        elif message_type == "status":
+            try:
+                remaining = int(data["status"]["exec_info"]["queue_remaining"])
+            except (KeyError, TypeError, ValueError):
+                return []
+            if remaining != self.queue_remaining:
+                self.queue_remaining = remaining
+                return [{"type": "relay.queue", "remaining": remaining}]
+        return []
+
+    def _message(self, run: _Run, message: Mapping[str, Any], now: float) -> list[Event]:
+        message_type = message.get("type")
+        data: dict[str, Any] = message["data"]
+        if run.phase == "finished":
+            return []
+        if message_type == "execution_start":
+            run.phase = "running"
+            run.started_at = now
+            self.running = run.prompt_id
+            return []
+        if message_type == "execution_cached":
+            nodes = data.get("nodes")
+            cached = [str(n) for n in nodes] if isinstance(nodes, list) else []
+            return self._started(run, cached, now)
+        if message_type == "executing":
+            node = data.get("node")
+            if node is None:
+                return self._ended_without_result(run, now)
+            return self._executing(run, str(node), now)
+        if message_type == "progress":
+            return self._progress(run, data, now)
+        if message_type == "progress_state":
+            nodes = data.get("nodes")
+            events: list[Event] = []
+            if isinstance(nodes, dict):
+                for node, entry in nodes.items():
+                    if isinstance(entry, dict) and entry.get("state") == "finished":
+                        events += self._finish_step(run, str(node), now)
+            return events
+        if message_type == "executed":
+            return self._executed(run, data, now)
+        if message_type == "execution_success":
+            events = self._finish_step(run, run.current, now) if run.current else []
+            run.fraction = 0.0
+            return events + self._done(run, "success", now)
+        if message_type == "execution_error":
+            return self._failed(run, data, now)
+        if message_type == "execution_interrupted":
+            node = data.get("node_id")
+            step = run.steps.get(str(node)) if node is not None else None
+            if step is not None and step.state == "running":
+                step.state = "interrupted"
+                step.duration = round(now - (step.started or now), 3)
+            run.fraction = 0.0
+            error = {
+                "node": node,
+                "class_type": data.get("node_type"),
+                "exception_type": None,
+                "message": "interrupted",
+            }
+            return self._done(run, "interrupted", now, error=error)
+        return []
+
+    # Transitions ---------------------------------------------------------------------------
+
+    def _started(self, run: _Run, cached_nodes: list[str], now: float) -> list[Event]:
+        if run.started_sent:
+            return []
+        if run.started_at is None:
+            run.started_at = now
+            run.phase = "running"
+            self.running = run.prompt_id
+        cached_set = set(cached_nodes)
+        cached = [node for node in run.steps if node in cached_set]
+        for node in cached:
+            step = run.steps[node]
+            step.state = "cached"
+            step.index = run.next_index
+            step.duration = 0.0
+            run.next_index += 1
+        run.started_sent = True
+        queued_for = round(max(0.0, (run.started_at or now) - (run.queued_at or run.registered_at)), 3)
+        return [
+            self._event(
+                run,
+                "relay.started",
+                total=run.total,
+                cached=cached,
+                completed=run.completed,
+                queued_for=queued_for,
+            )
+        ]
+
+    def _step_for(self, run: _Run, node: str) -> _Step:
+        step = run.steps.get(node)
+        if step is None:
+            # A node that runs without being predicted (an expansion, or unknown output classes).
+            spec = run.plan.others.get(node) or StepSpec(node, "unknown", f"node {node}")
+            step = run.steps[node] = _Step(spec)
+        return step
+
+    def _executing(self, run: _Run, node: str, now: float) -> list[Event]:
+        events = [] if run.started_sent else self._started(run, [], now)
+        if run.current == node and run.steps.get(node) is not None and run.steps[node].state == "running":
+            return events  # the replay after a reconnect repeats the running node
+        if run.current is not None:
+            events += self._finish_step(run, run.current, now)
+        step = self._step_for(run, node)
+        if step.state not in ("pending",):
+            return events
+        step.state = "running"
+        step.index = run.next_index
+        step.started = now
+        run.next_index += 1
+        run.current = node
+        run.fraction = 0.0
+        events.append(self._step_event(run, step, now))
+        return events
+
+    def _finish_step(self, run: _Run, node: str | None, now: float) -> list[Event]:
+        if node is None:
+            return []
+        step = run.steps.get(node)
+        if step is None or step.state != "running":
+            return []
+        step.state = "done"
+        step.duration = round(now - (step.started or now), 3)
+        if run.current == node:
+            run.current = None
+            run.fraction = 0.0
+        return [self._step_event(run, step, now)]
+
+    def _progress(self, run: _Run, data: Mapping[str, Any], now: float) -> list[Event]:
+        node = data.get("node")
+        value, maximum = data.get("value"), data.get("max")
+        if node is None or not isinstance(value, (int, float)) or not isinstance(maximum, (int, float)):
+            return []
+        events: list[Event] = []
+        node = str(node)
+        step = run.steps.get(node)
+        if step is None or step.state == "pending":
+            events += self._executing(run, node, now)
+            step = run.steps[node]
+        if step.state != "running":
+            return events
+        run.fraction = max(0.0, min(1.0, value / maximum)) if maximum > 0 else 0.0
+        events.append(
+            self._event(
+                run,
+                "relay.progress",
+                node=node,
+                index=step.index,
+                total=run.total,
+                value=value,
+                max=maximum,
+                percent=run.percent(),
+                elapsed=run.elapsed(now),
+            )
+        )
+        return events
+
+    def _executed(self, run: _Run, data: Mapping[str, Any], now: float) -> list[Event]:
+        node = data.get("node")
+        if node is None:
+            return []
+        node = str(node)
+        output = data.get("output")
+        run.outputs[node] = output
+        return [self._event(run, "relay.output", node=node, output=output, files=self._files(output))]
+
+    def _failed(self, run: _Run, data: Mapping[str, Any], now: float) -> list[Event]:
+        node = data.get("node_id")
+        events: list[Event] = []
+        step = run.steps.get(str(node)) if node is not None else None
+        if step is not None and step.state in ("running", "pending"):
+            if step.state == "pending":
+                step.index = run.next_index
+                run.next_index += 1
+            step.state = "error"
+            step.duration = round(now - (step.started or now), 3)
+            events.append(self._step_event(run, step, now))
+        run.fraction = 0.0
+        message = data.get("exception_message")
+        error = {
+            "node": node,
+            "class_type": data.get("node_type"),
+            "exception_type": data.get("exception_type"),
+            "message": message.strip() if isinstance(message, str) else message,
+        }
+        return events + self._done(run, "error", now, error=error)
+
+    def _ended_without_result(self, run: _Run, now: float) -> list[Event]:
+        """``executing`` with ``node: null`` normally follows the result; alone, it is one."""
+        if run.phase != "running":
+            return []
+        events = self._finish_step(run, run.current, now)
+        return events + self._done(run, "success", now)
+
+    def _done(
+        self,
+        run: _Run,
+        status: str,
+        now: float,
+        *,
+        error: dict[str, Any] | None = None,
+        recovered: bool = False,
+    ) -> list[Event]:
+        run.phase = "finished"
+        run.status = status
+        run.ended_at = now
+        if self.running == run.prompt_id:
+            self.running = None
+        fields: dict[str, Any] = {
+            "status": status,
+            "elapsed": run.elapsed(now),
+            "total": run.total,
+            "completed": run.completed,
+            "percent": 100.0 if status == "success" else run.percent(),
+            "outputs": run.outputs,
+            "recovered": recovered,
+        }
+        if error is not None:
+            fields["error"] = error
+        self._retire(run)
+        return [self._event(run, "relay.done", **fields)]
+
+    def _retire(self, run: _Run) -> None:
+        self._runs.pop(run.prompt_id, None)
+        self._finished[run.prompt_id] = run
+        while len(self._finished) > _FINISHED_RUNS_KEPT:
+            self._finished.popitem(last=False)
+
+    # Recovery after a lost connection ----------------------------------------------------
+
+    def active(self) -> list[str]:
+        """Prompts accepted by ComfyUI that have not ended (what a reconnect must reconcile)."""
+        return [pid for pid, run in self._runs.items() if run.phase in ("queued", "running")]
+
+    def recover(self, prompt_id: str, history: Mapping[str, Any], now: float) -> list[Event]:
+        """Close a prompt from its /history entry: it finished while we were not listening."""
+        run = self._runs.get(prompt_id)
+        if run is None or run.phase not in ("queued", "running"):
+            return []
+        events: list[Event] = []
+        outputs = history.get("outputs")
+        if isinstance(outputs, dict):
+            for node, output in outputs.items():
+                if node not in run.outputs:
+                    run.outputs[node] = output
+                    events.append(
+                        self._event(run, "relay.output", node=node, output=output, files=self._files(output))
+                    )
+        status_info = history.get("status") if isinstance(history.get("status"), dict) else {}
+        messages = status_info.get("messages") if isinstance(status_info, dict) else None
+        terminal = {m[0]: m[1] for m in messages or [] if isinstance(m, list) and len(m) == 2}
+        if "execution_error" in terminal:
+            data = terminal["execution_error"]
+            message = data.get("exception_message")
+            error = {
+                "node": data.get("node_id"),
+                "class_type": data.get("node_type"),
+                "exception_type": data.get("exception_type"),
+                "message": message.strip() if isinstance(message, str) else message,
+            }
+            self._settle(run, "error", data.get("node_id"))
+            return events + self._done(run, "error", now, error=error, recovered=True)
+        if "execution_interrupted" in terminal:
+            data = terminal["execution_interrupted"]
+            error = {"node": data.get("node_id"), "class_type": data.get("node_type"), "exception_type": None,
+                     "message": "interrupted"}  # fmt: skip
+            self._settle(run, "interrupted", data.get("node_id"))
+            return events + self._done(run, "interrupted", now, error=error, recovered=True)
+        self._settle(run, "done", None)
+        return events + self._done(run, "success", now, recovered=True)
+
+    def lost(self, prompt_id: str, reason: str, now: float) -> list[Event]:
+        """ComfyUI no longer knows the prompt (it restarted): say so, never leave it open."""
+        run = self._runs.get(prompt_id)
+        if run is None or run.phase not in ("queued", "running"):
+            return []
+        error = {"node": None, "class_type": None, "exception_type": "PromptLost", "message": reason}
+        return self._done(run, "error", now, error=error, recovered=True)
+
+    def _settle(self, run: _Run, state: str, failed_node: Any) -> None:
+        """After a recovery: steps we never saw end are completed, or the failure marked."""
+        for node, step in run.steps.items():
+            if failed_node is not None and node == str(failed_node):
+                step.state = state
+            elif state == "done" and step.state in ("pending", "running"):
+                step.state = "done"
+        run.fraction = 0.0
+        run.current = None
+
+    # Snapshots -------------------------------------------------------------------------
+
+    def snapshot(self, prompt_id: str, now: float) -> Event | None:
+        """The current state of a prompt, for a client that could not resume from the buffer."""
+        run = self._runs.get(prompt_id) or self._finished.get(prompt_id)
+        if run is None:
+            return None
+        return self._event(
+            run,
+            "relay.snapshot",
+            phase=run.phase,
+            status=run.status,
+            number=run.number,
+            total=run.total,
+            completed=run.completed,
+            percent=run.percent(),
+            elapsed=run.elapsed(now),
+            current=run.current,
+            steps=[step.public() for step in run.steps.values()],
+            outputs=run.outputs,
+        )
+
+    # Helpers --------------------------------------------------------------------------
+
+    def _step_event(self, run: _Run, step: _Step, now: float) -> Event:
+        event = self._event(
+            run,
+            "relay.step",
+            node=step.spec.node,
+            class_type=step.spec.class_type,
+            name=step.spec.name,
+            index=step.index,
+            total=run.total,
+            state=step.state,
+            elapsed=run.elapsed(now),
+            percent=run.percent(),
+        )
+        if step.state in ("done", "error"):
+            event["duration"] = step.duration
+        return event
+
+    def _event(self, run: _Run, event_type: str, **fields: Any) -> Event:
+        return {"type": event_type, "prompt_id": run.prompt_id, **fields}
+
+    def _files(self, output: Any) -> list[dict[str, Any]]:
+        if not isinstance(output, dict):
+            return []
+        files = []
+        for key in _FILE_KEYS:
+            entries = output.get(key)
+            if not isinstance(entries, list):
+                continue
+            for entry in entries:
+                if isinstance(entry, dict) and isinstance(entry.get("filename"), str):
+                    ref = {
+                        "filename": entry["filename"],
+                        "subfolder": entry.get("subfolder", ""),
+                        "type": entry.get("type", "output"),
+                    }
+                    files.append({**ref, "kind": key, "url": self._file_url(ref)})
+        return files
