@@ -5,12 +5,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
 HOST ?= 127.0.0.1
-PORT ?= 8188
+PORT ?= 8190
+COMFYUI_PORT ?= 8188
 
 .PHONY: help venv lint format test test-fast demo emulator clean
 
 help:
-	@echo "make demo      run the built-in ComfyUI emulator on http://$(HOST):$(PORT)"
+	@echo "make demo      run the relay on http://$(HOST):$(PORT) with the built-in ComfyUI emulator"
+	@echo "make emulator  run only the emulated ComfyUI on http://$(HOST):$(COMFYUI_PORT)"
 	@echo "make test      lint (ruff, mypy --strict) and run the whole test suite"
 	@echo "make test-fast run the tests without the lint step"
 	@echo "make format    apply ruff's formatter and safe fixes"
@@ -39,11 +41,11 @@ test: lint
 test-fast: $(STAMP)
 	$(BIN)/pytest
 
-# Until the relay lands, the demo is the emulator on its own.
-demo: emulator
+demo: $(STAMP)
+	$(BIN)/comfy-relay demo --host $(HOST) --port $(PORT) --comfyui-port $(COMFYUI_PORT)
 
 emulator: $(STAMP)
-	$(BIN)/comfy-relay emulator --host $(HOST) --port $(PORT)
+	$(BIN)/comfy-relay emulator --host $(HOST) --port $(COMFYUI_PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -280,7 +280,6 @@ async def post_prompt(request: Request) -> Response:
         if skip:
             plan = build_plan(graph, output_classes, targets=targets, skip_outputs=skip)
         session.publish(session.translator.accept(prompt_id, accepted.get("number"), time.monotonic(), plan))
-        log.info("prompt queued", client_id=client_id, prompt_id=prompt_id, steps=len(plan.steps))
         return _json({**accepted, "client_id": client_id})
     finally:
         session.registering -= 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import logging
 import sys
@@ -13,14 +14,16 @@ import uvicorn
 
 from relay import __version__
 from relay.app import create_app as create_relay_app
-from relay.config import ENV_NAMES, ConfigError, RelayConfig
-from relay.emulator import EmulatorConfig, create_app
+from relay.config import DESCRIPTIONS, ENV_NAMES, ConfigError, RelayConfig
+from relay.emulator import EmulatorConfig, create_app, run_emulator
 from relay.emulator.harness import uvicorn_config
 from relay.logs import configure_logging
-from relay.server import RelayServer
+from relay.server import RelayServer, run_relay
 from relay.server import uvicorn_config as relay_uvicorn_config
 
 __all__ = ["main"]
+
+_EXAMPLE = Path(__file__).parent / "emulator" / "examples" / "text2img.json"
 
 
 def _emulator_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -111,21 +114,16 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="run the relay in front of a ComfyUI server",
         description="Relay ComfyUI's progress to browsers. Every option can also be set in the environment.",
     )
-    for name in (
-        "comfyui_url", "host", "port", "log_format", "log_level", "upstream_grace", "reconnect_initial",
-        "reconnect_max", "upstream_connect_timeout", "stall_check_interval", "http_connect_timeout",
-        "http_read_timeout", "ring_size", "subscriber_queue", "max_prompt_bytes", "max_client_frame",
-        "preview_slots", "public_prefix",
-    ):  # fmt: skip
-        default = getattr(RelayConfig(), name)
-        env = ENV_NAMES[name]
+    defaults = RelayConfig()
+    for name, env in ENV_NAMES.items():
+        default = getattr(defaults, name)
         kind = type(default) if isinstance(default, (int, float)) else str
         parser.add_argument(
             "--" + name.replace("_", "-"),
             type=kind,
             default=None,
             metavar=name.split("_")[-1].upper(),
-            help=f"env {env} (default: {default!r})",
+            help=f"{DESCRIPTIONS[name]} [env {env}, default {default!r}]",
         )
 
 
@@ -143,6 +141,49 @@ def _run_relay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "demo",
+        help="run the relay and the built-in ComfyUI emulator together",
+        description="The embedded default: an emulated ComfyUI and the relay in front of it, on localhost.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address for both servers (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8190, help="the relay's port (default: %(default)s)")
+    parser.add_argument(
+        "--comfyui-port", type=int, default=8188, help="the emulator's port (default: %(default)s)"
+    )
+    parser.add_argument("--speed", type=float, default=1.0, metavar="FACTOR", help="emulator speed factor")
+    parser.add_argument("--log-format", choices=("console", "json"), default="console")
+
+
+async def _demo(args: argparse.Namespace) -> None:
+    emulator_config = EmulatorConfig(host=args.host, port=args.comfyui_port, speed=args.speed)
+    async with run_emulator(emulator_config) as emulator:
+        config = RelayConfig.from_env(comfyui_url=emulator.url, host=args.host, port=args.port)
+        async with run_relay(config) as relay:
+            example = '{\\"client_id\\": \\"demo\\", \\"prompt\\": '
+            print(
+                f"\ncomfy-relay demo\n"
+                f"  relay:     {relay.url}  (WebSocket {relay.ws_url})\n"
+                f"  ComfyUI:   {emulator.url}  (emulated, speed x{args.speed:g})\n\n"
+                f"Watch a client's events:\n"
+                f"  wscat -c '{relay.ws_url}?clientId=demo'\n"
+                f"Submit the example text-to-image graph:\n"
+                f"  curl -s -X POST {relay.url}/prompt -H 'Content-Type: application/json' \\\n"
+                f'       -d "{example}$(cat {_EXAMPLE})}}"\n\n'
+                f"Ctrl-C stops both.\n",
+                flush=True,
+            )
+            await asyncio.Event().wait()
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    configure_logging(args.log_format, "info")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_demo(args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="comfy-relay", description="A WebSocket event relay in front of ComfyUI."
@@ -150,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(sub)
+    _demo_parser(sub)
     _emulator_parser(sub)
     return parser
 
@@ -161,5 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_emulator(args)
     if args.command == "serve":
         return _run_relay(args)
+    if args.command == "demo":
+        return _run_demo(args)
     parser.print_help()
     return 2

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-__all__ = ["ENV_NAMES", "ConfigError", "RelayConfig"]
+__all__ = ["DESCRIPTIONS", "ENV_NAMES", "ConfigError", "RelayConfig"]
 
 LogFormat = Literal["console", "json"]
 
@@ -93,6 +93,30 @@ class RelayConfig:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
+
+# One line per setting, for `comfy-relay serve --help` and docs/deploy.md.
+DESCRIPTIONS: dict[str, str] = {
+    "comfyui_url": "base URL of the ComfyUI server",
+    "host": "address to listen on",
+    "port": "port to listen on",
+    "log_format": "console (for people) or json (one object per line)",
+    "log_level": "debug, info, warning or error",
+    "upstream_grace": "seconds an unused upstream socket stays open",
+    "reconnect_initial": "first reconnect delay in seconds (doubles each attempt)",
+    "reconnect_max": "longest reconnect delay in seconds",
+    "reconnect_jitter": "random share added to or taken from each delay (0-1)",
+    "upstream_connect_timeout": "seconds POST /prompt waits for the upstream socket before 502",
+    "stall_check_interval": "seconds of upstream silence, while prompts run, before checking /history",
+    "http_connect_timeout": "connect timeout for HTTP requests to ComfyUI, seconds",
+    "http_read_timeout": "read timeout for HTTP requests to ComfyUI, seconds",
+    "http_max_connections": "most HTTP connections to ComfyUI at once",
+    "ring_size": "events kept per client for resuming with ?since=",
+    "subscriber_queue": "frames a tab may have waiting before it counts as too slow",
+    "max_prompt_bytes": "largest POST /prompt body, bytes",
+    "max_client_frame": "largest WebSocket frame a browser may send, bytes",
+    "preview_slots": "live preview images kept per client",
+    "public_prefix": "path prefix of the relay's own URLs in events (behind a path-routing ingress)",
+}
 
 ENV_NAMES: dict[str, str] = {
     "comfyui_url": "COMFYUI_URL",

@@ -94,6 +94,10 @@ class ClientSession:
             self.log.warning(
                 "step failed", prompt_id=event["prompt_id"], node=event["node"], name=event["name"]
             )
+        elif kind == "relay.queued":
+            self.log.info(
+                "prompt queued", prompt_id=event["prompt_id"], number=event["number"], total=event["total"]
+            )
         elif kind == "relay.started":
             self.log.info("prompt started", prompt_id=event["prompt_id"], total=event["total"],
                           cached=len(event["cached"]), queued_for=event["queued_for"])  # fmt: skip

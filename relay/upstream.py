@@ -75,6 +75,7 @@ class Upstream:
         if self.running:
             return
         self._closing = False
+        self._set_state("connecting", 0, None)
         self._task = asyncio.create_task(self._run(), name=f"upstream-{self.client_id}")
 
     async def wait_connected(self, limit: float) -> bool:
@@ -127,7 +128,7 @@ class Upstream:
         attempt = 0
         reason: str | None = None
         while not self._closing:
-            self._set_state("connecting", attempt, reason)
+            self._set_state("connecting", attempt, reason if attempt else None)
             try:
                 reason = await self._session(reconnected=self._ever_connected)
             except websockets.InvalidStatus as exc:

@@ -243,3 +243,16 @@ async def test_all_mode_has_both(relay: RunningRelay, relay_http: httpx.AsyncCli
     assert any(m["type"] == "execution_success" for m in texts)
     assert any(m["type"] == "relay.done" for m in texts)
     await tab.close()
+
+
+async def test_oversized_client_frame_closes_with_1009(relay: RunningRelay) -> None:
+    """A browser frame over the client limit closes that socket with 1009; the relay carries on."""
+    tab = await open_tab(relay.ws_url, "clientId=big")
+    await tab.wait_type("relay.hello")
+    await tab.connection.send("x" * (relay.state.config.max_client_frame + 1))
+    async with asyncio.timeout(5):
+        await tab.closed.wait()
+    assert tab.close_code == 1009
+    other = await open_tab(relay.ws_url, "clientId=big")
+    assert (await other.wait_type("relay.hello"))["client_id"] == "big"
+    await other.close()
