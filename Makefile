@@ -27,13 +27,13 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check relay tests
-	$(BIN)/ruff format --check relay tests
+	$(BIN)/ruff check relay tests bench
+	$(BIN)/ruff format --check relay tests bench
 	$(BIN)/mypy --strict relay
 
 format: $(STAMP)
-	$(BIN)/ruff format relay tests
-	$(BIN)/ruff check --fix relay tests
+	$(BIN)/ruff format relay tests bench
+	$(BIN)/ruff check --fix relay tests bench
 
 test: lint
 	$(BIN)/pytest

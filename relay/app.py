@@ -17,6 +17,7 @@ import orjson
 import structlog
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
@@ -33,7 +34,7 @@ from relay.errors import (
     RelayError,
     error_response,
 )
-from relay.fanout import Mode, Outgoing, Subscriber
+from relay.fanout import RAW_SEND, Mode, Outgoing, RawSend, Subscriber
 from relay.plans import build_plan, failed_outputs
 from relay.sessions import ClientSession, Sessions
 
@@ -122,7 +123,9 @@ async def relay_socket(websocket: WebSocket) -> None:
     assigned = client_id is None
     client_id = client_id or uuid.uuid4().hex
     session = state.sessions.get(client_id)
-    subscriber = Subscriber(websocket, mode=mode, limit=config.subscriber_queue)
+    subscriber = Subscriber(
+        websocket, mode=mode, limit=config.subscriber_queue, send=websocket.scope.get(RAW_SEND)
+    )
     session.upstream.start()
     _greet(session, subscriber, since=since, epoch=epoch, assigned=assigned)
     # Greeting and replay were queued with no await since reading the ring: joining now
@@ -349,6 +352,7 @@ def create_app(config: RelayConfig | None = None) -> Starlette:
 
     app = Starlette(
         routes=routes(),
+        middleware=[Middleware(RawSend)],
         lifespan=lifespan,
         exception_handlers={RelayError: _relay_error, HTTPException: _http_error, Exception: _unexpected},
     )

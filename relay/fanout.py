@@ -15,17 +15,17 @@ import contextlib
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, Literal
 
 import orjson
 import structlog
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketState
 
 from relay.errors import CLOSE_TOO_SLOW
 
-__all__ = ["Channel", "Mode", "Outgoing", "Subscriber", "coalesce_key"]
+__all__ = ["RAW_SEND", "Channel", "Mode", "Outgoing", "RawSend", "Subscriber", "coalesce_key", "send_message"]
 
 log = structlog.get_logger("relay.fanout")
 
@@ -46,17 +46,30 @@ def coalesce_key(event: dict[str, Any]) -> Key | None:
     return (event_type, event.get("prompt_id"), event.get("node"))
 
 
-@dataclass(slots=True, eq=False)
+def send_message(payload: str | bytes) -> Message:
+    """The ASGI message that sends ``payload``; built once per event, shared by every subscriber."""
+    if isinstance(payload, bytes):
+        return {"type": "websocket.send", "bytes": payload}
+    return {"type": "websocket.send", "text": payload}
+
+
 class Outgoing:
     """A frame waiting in a subscriber's queue."""
 
-    payload: str | bytes
-    key: Key | None = None
-    alive: bool = True
+    __slots__ = ("alive", "key", "message", "size")
 
-    @property
-    def size(self) -> int:
-        return len(self.payload)
+    def __init__(
+        self, payload: str | bytes | Message, key: Key | None = None, size: int | None = None
+    ) -> None:
+        message: Message
+        if isinstance(payload, (str, bytes)):
+            message, length = send_message(payload), len(payload)
+        else:
+            message, length = payload, len(payload.get("text") or payload.get("bytes") or b"")
+        self.message = message
+        self.size = size if size is not None else length
+        self.key = key
+        self.alive = True
 
 
 class Subscriber:
@@ -68,10 +81,14 @@ class Subscriber:
         *,
         mode: Mode,
         limit: int,
+        send: Send | None = None,
         byte_limit: int = 64 * 1024 * 1024,
         legacy_previews: bool = True,
     ) -> None:
         self.websocket = websocket
+        # The server's own ASGI send when available: frames skip the framework's per-message
+        # state checks, which the hot path does not need once the socket is accepted.
+        self._send: Send = send or websocket.send
         self.mode = mode
         self.limit = limit
         self.byte_limit = byte_limit
@@ -83,7 +100,9 @@ class Subscriber:
         self._by_key: dict[Key, Outgoing] = {}
         self._live = 0
         self._bytes = 0
-        self._wakeup = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
+        # A send that began in offer() and had to wait for the socket; the writer finishes it.
+        self._inflight: tuple[Coroutine[Any, Any, None], Any] | None = None
         self._overflowed = False
         self.closed = False
         self.coalesced = 0
@@ -104,8 +123,20 @@ class Subscriber:
         return self._live
 
     def offer(self, frame: Outgoing) -> None:
-        """Queue a frame without waiting. Never raises; a hopeless subscriber is marked for closing."""
+        """Hand over a frame without waiting. Never raises; a hopeless subscriber is marked for closing.
+
+        A subscriber that is keeping up (writer idle, nothing queued) gets the frame written
+        at once, without waking its writer task; otherwise the frame is queued.
+        """
         if self.closed or self._overflowed:
+            return
+        if (
+            not self._queue
+            and self._inflight is None
+            and self._waiter is not None
+            and not self._waiter.done()
+        ):
+            self._send_now(frame)
             return
         if frame.key is not None and self._live >= self.coalesce_after:
             previous = self._by_key.get(frame.key)
@@ -121,7 +152,54 @@ class Subscriber:
         self._bytes += frame.size
         if frame.key is not None:
             self._by_key[frame.key] = frame
-        self._wakeup.set()
+        self._wake()
+
+    def _send_now(self, frame: Outgoing) -> None:
+        """Run the server's send for this frame up to its first wait.
+
+        On a socket that can take data the send completes right here: no task switch, which is
+        what makes fan-out to many idle-fast tabs cheap. On a socket that applies backpressure
+        the send stops at its first wait; the writer task then finishes it before anything else,
+        so frames stay in order and this call still never waits.
+        """
+        send = self._send(frame.message)
+        if not isinstance(send, Coroutine):
+            return
+        try:
+            waiting_on = send.send(None)
+        except StopIteration:
+            return
+        except (OSError, RuntimeError) as exc:
+            log.debug("subscriber send failed", error=repr(exc))
+            self.closed = True
+            return
+        self._inflight = (send, waiting_on)
+        self._wake()
+
+    async def _finish_inflight(self) -> None:
+        """Drive a send that began in offer() to its end, as a task would have."""
+        assert self._inflight is not None
+        send, waiting_on = self._inflight
+        try:
+            while True:
+                if waiting_on is None:
+                    await asyncio.sleep(0)  # a bare yield: just let the loop run once
+                else:
+                    await waiting_on
+                try:
+                    waiting_on = send.send(None)
+                except StopIteration:
+                    return
+        except BaseException:
+            send.close()
+            raise
+        finally:
+            self._inflight = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _kill(self, frame: Outgoing) -> None:
         """Drop a queued frame in place; the writer skips it."""
@@ -157,6 +235,7 @@ class Subscriber:
         self._queue.clear()
         self._by_key.clear()
         self._live = self._bytes = 0
+        self._wake()
         if self._closer is None:
             self._closer = asyncio.create_task(self._close_hopeless(), name="relay-subscriber-closer")
 
@@ -179,18 +258,20 @@ class Subscriber:
                 await task
 
     async def _write_forever(self) -> None:
-        websocket = self.websocket
+        send = self._send
+        loop = asyncio.get_running_loop()
         try:
             while not self._overflowed:
+                if self._inflight is not None:
+                    await self._finish_inflight()
+                    continue
                 frame = self._next()
                 if frame is None:
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
+                    self._waiter = loop.create_future()
+                    await self._waiter
+                    self._waiter = None
                     continue
-                if isinstance(frame.payload, bytes):
-                    await websocket.send_bytes(frame.payload)
-                else:
-                    await websocket.send_text(frame.payload)
+                await send(frame.message)
         except (OSError, RuntimeError) as exc:
             # The socket went away under us (disconnect, or a send after close).
             log.debug("subscriber writer stopped", error=repr(exc))
@@ -242,9 +323,10 @@ class Channel:
         payload = self.stamp(event, seq=self.seq)
         self._ring.append((self.seq, payload))
         key = coalesce_key(event)
+        message, size = send_message(payload), len(payload)
         for subscriber in self.subscribers:
             if subscriber.wants_relay:
-                subscriber.offer(Outgoing(payload, key))
+                subscriber.offer(Outgoing(message, key, size))
 
     def publish_raw(
         self, payload: str | bytes, *, key: Key | None = None, legacy: bytes | None = None
@@ -254,9 +336,11 @@ class Channel:
         ``legacy`` is the event-1 form of an event-4 preview, for clients that did not
         negotiate preview metadata.
         """
+        modern = send_message(payload)
+        old = send_message(legacy) if legacy is not None else modern
         for subscriber in self.subscribers:
             if subscriber.wants_comfy:
-                chosen = legacy if legacy is not None and subscriber.legacy_previews else payload
+                chosen = old if subscriber.legacy_previews else modern
                 subscriber.offer(Outgoing(chosen, key))
 
     def since(self, seq: int) -> list[str] | None:
@@ -271,3 +355,22 @@ class Channel:
 
     def __iter__(self) -> Iterator[Subscriber]:
         return iter(self.subscribers)
+
+
+RAW_SEND = "relay.raw_send"
+
+
+class RawSend:
+    """Pure ASGI middleware: keeps the server's own ``send`` of each WebSocket in its scope.
+
+    Installed outside the framework's exception layer, so the subscribers' writers can hand
+    frames straight to the server.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            scope[RAW_SEND] = send
+        await self.app(scope, receive, send)

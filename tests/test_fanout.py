@@ -22,13 +22,9 @@ class FakeSocket:
         self.flowing.set()
         self.application_state = WebSocketState.CONNECTED
 
-    async def send_text(self, data: str) -> None:
+    async def send(self, message: dict[str, Any]) -> None:
         await self.flowing.wait()
-        self.sent.append(data)
-
-    async def send_bytes(self, data: bytes) -> None:
-        await self.flowing.wait()
-        self.sent.append(data)
+        self.sent.append(message.get("text") or message["bytes"])
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         self.closed_with = (code, reason)

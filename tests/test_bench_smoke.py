@@ -1,0 +1,24 @@
+"""The benchmarks still run (tiny sizes; figures come from running them in full, never from tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def test_fanout_benchmark_runs(tmp_path: Path) -> None:
+    """bench/fanout.py measures both paths and writes every figure it reports."""
+    out = tmp_path / "fanout.json"
+    sizes = ["--subscribers", "2", "--events", "5", "--rate", "50", "--repeat", "1"]
+    command = [sys.executable, str(BENCH / "fanout.py"), *sizes, "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+    assert "N=2" in result.stdout
+    [row] = json.loads(out.read_text())
+    assert row["subscribers"] == 2
+    assert row["delivered_frames"] >= 10  # five progress events to each of two tabs, at least
+    for key in ("relay_cpu_us_per_frame", "relay_p50_ms", "direct_p50_ms", "idle_kb_per_subscriber"):
+        assert row[key] > 0
