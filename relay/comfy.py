@@ -10,6 +10,7 @@ import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import orjson
@@ -70,7 +71,8 @@ class ComfyClient:
         )
 
     async def history(self, prompt_id: str) -> dict[str, Any]:
-        answer = await self.request("GET", f"/history/{prompt_id}")
+        # Prompt ids may be chosen by clients: never let one change the path.
+        answer = await self.request("GET", f"/history/{quote(prompt_id, safe='')}")
         body = answer.json() if answer.status == 200 else {}
         return body if isinstance(body, dict) else {}
 

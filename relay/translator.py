@@ -199,7 +199,12 @@ class Translator:
         if run is None:
             return []
         if run.phase == "registered":
+            # ComfyUI ran faster than it answered the POST: hold frames until it has. A held
+            # start already makes the prompt the running one, so frames without a prompt id
+            # (progress text, reconnect replays) are attributed, and held, in order too.
             run.held.append((kind, payload, now))
+            if kind == "json" and payload.get("type") == "execution_start":
+                self.running = run.prompt_id
             return []
         if kind == "text":
             node, text = payload

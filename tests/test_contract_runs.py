@@ -23,6 +23,7 @@ from tests.tracekit import (
     normalize,
     shape,
     split_status,
+    token,
 )
 
 CLIENT = "relayprobe-fixed-client-0001"
@@ -249,3 +250,46 @@ async def test_14_large_binary_frames(session: Session) -> None:
         assert frame.image_size == (1024, 1024)
         # Noise does not compress: well over the 1 MiB a default websockets client accepts.
         assert frame.length > 2_000_000
+
+
+async def test_partial_execution_targets_run_only_that_output(session: Session) -> None:
+    """PROTOCOL.md §4 from scenario 11 (not in the shared traces): only the targeted output runs."""
+    graph = {
+        "20": {
+            "class_type": "EmptyImage",
+            "inputs": {"width": 48, "height": 48, "batch_size": 2, "color": 255},
+        },
+        "21": {"class_type": "ImageBlur", "inputs": {"image": ["20", 0], "blur_radius": 2, "sigma": 2.0}},
+        "22": {"class_type": "SaveImage", "inputs": {"images": ["21", 0], "filename_prefix": "probe_par_b"}},
+        "23": {"class_type": "PreviewImage", "inputs": {"images": ["21", 0]}},
+    }
+    a = await session.connect("A", CLIENT)
+    prompt_id = await session.submit(graph, CLIENT, partial_execution_targets=["22"])
+    await a.wait_done(prompt_id)
+    assert [f.data["node"] for f in a.frames if f.type == "executing" and f.data.get("node")] == [
+        "20",
+        "21",
+        "22",
+    ]
+    saved = next(f.data["output"] for f in a.frames if f.type == "executed")
+    assert len(saved["images"]) == 2  # one file per image of the batch
+    queued = (await session.http.get(f"/history/{prompt_id}")).json()[prompt_id]["prompt"][4]
+    assert queued == ["22"]
+
+
+async def test_output_node_without_ui(session: Session) -> None:
+    """PROTOCOL.md §3 from scenario 16: no executed when fresh, executed with output null when cached."""
+    graph = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 7}},
+        "2": {"class_type": "NoUIOutput", "inputs": {"image": ["1", 0]}},
+    }
+    a = await session.connect("A", CLIENT)
+    for _ in range(2):
+        prompt_id = await session.submit(graph, CLIENT)
+        await a.wait_done(prompt_id)
+    executed = [f.data for f in a.frames if f.type == "executed"]
+    assert len(executed) == 1
+    assert executed[0]["node"] == "2"
+    assert executed[0]["output"] is None
+    started = [token(f) for f in a.frames if f.type == "execution_cached"]
+    assert started == ["execution_cached[]", "execution_cached[1,2]"]

@@ -256,3 +256,36 @@ async def test_oversized_client_frame_closes_with_1009(relay: RunningRelay) -> N
     other = await open_tab(relay.ws_url, "clientId=big")
     assert (await other.wait_type("relay.hello"))["client_id"] == "big"
     await other.close()
+
+
+async def test_progress_text_and_uncompressed_sockets(
+    relay: RunningRelay, relay_http: httpx.AsyncClient
+) -> None:
+    """Progress text becomes relay.text for our running prompt; browser sockets never use compression."""
+    tab = await open_tab(relay.ws_url, "clientId=texty")  # the client offers permessage-deflate
+    assert "Sec-WebSocket-Extensions" not in tab.connection.response.headers
+    prompt_id = await submit(relay_http, load_trace("02c").workflow(), "texty")
+    await tab.wait_done(prompt_id)
+    texts = [(e["node"], e["text"]) for e in tab.of("relay.text", prompt_id)]
+    assert texts == [
+        ("2", "step 1/3"),
+        ("2", "step 2/3"),
+        ("2", "step 3/3"),
+        ("5", "width: 96, height: 64\n batch size: 1"),
+    ]
+    await tab.close()
+
+
+async def test_client_chosen_prompt_id_is_kept_and_contained(
+    relay: RunningRelay, relay_http: httpx.AsyncClient
+) -> None:
+    """A prompt_id chosen by the client is used as is, even one that looks like a path."""
+    tab = await open_tab(relay.ws_url, "clientId=chooser")
+    odd = "../queue?x=1"
+    response = await relay_http.post(
+        "/prompt", json={"prompt": load_trace("01").workflow(), "client_id": "chooser", "prompt_id": odd}
+    )
+    assert response.json()["prompt_id"] == odd
+    done = await tab.wait_done(odd)
+    assert done["status"] == "success"
+    await tab.close()

@@ -231,3 +231,21 @@ def test_humanize_class_types() -> None:
     assert humanize("KSampler") == "KSampler"
     assert humanize("EmptyLatentImage") == "Empty Latent Image"
     assert humanize("ADE_LoadAnimateDiffModel") == "ADE Load Animate Diff Model"
+
+
+def test_text_racing_the_post_answer_is_kept() -> None:
+    """Progress text of a run that finished before ComfyUI answered the POST is not lost."""
+    translator = Translator(file_url=file_url)
+    translator.register(
+        "p", Plan((StepSpec("2", "SlowProgress", "slow"), StepSpec("3", "SaveImage", "save"))), 0.0
+    )
+    for message in (
+        {"type": "execution_start", "data": {"prompt_id": "p"}},
+        {"type": "execution_cached", "data": {"nodes": [], "prompt_id": "p"}},
+        {"type": "executing", "data": {"node": "2", "prompt_id": "p"}},
+    ):
+        assert translator.feed(message, 0.1) == []
+    assert translator.text("2", "step 1/3", 0.2) == []
+    events = translator.accept("p", 1, 0.3)
+    assert [e["type"] for e in events] == ["relay.queued", "relay.started", "relay.step", "relay.text"]
+    assert events[-1]["text"] == "step 1/3"
