@@ -47,6 +47,9 @@ class RelayConfig:
     subscriber_queue: int = 512
     max_prompt_bytes: int = 16 * 1024 * 1024
     max_client_frame: int = 64 * 1024
+    # Seconds between keepalive pings to each browser socket (0 turns them off). Dead tabs
+    # behind proxies are only noticed through these.
+    ws_ping_interval: float = 20.0
     # Latest previews kept per client for GET /previews/...
     preview_slots: int = 16
     # Public path prefix under which file URLs in events are served.
@@ -114,6 +117,7 @@ DESCRIPTIONS: dict[str, str] = {
     "subscriber_queue": "frames a tab may have waiting before it counts as too slow",
     "max_prompt_bytes": "largest POST /prompt body, bytes",
     "max_client_frame": "largest WebSocket frame a browser may send, bytes",
+    "ws_ping_interval": "seconds between keepalive pings to browser sockets (0: none)",
     "preview_slots": "live preview images kept per client",
     "public_prefix": "path prefix of the relay's own URLs in events (behind a path-routing ingress)",
 }
@@ -137,6 +141,7 @@ ENV_NAMES: dict[str, str] = {
     "subscriber_queue": "RELAY_SUBSCRIBER_QUEUE",
     "max_prompt_bytes": "RELAY_MAX_PROMPT_BYTES",
     "max_client_frame": "RELAY_MAX_CLIENT_FRAME",
+    "ws_ping_interval": "RELAY_WS_PING_INTERVAL",
     "preview_slots": "RELAY_PREVIEW_SLOTS",
     "public_prefix": "RELAY_PUBLIC_PREFIX",
 }

@@ -32,6 +32,8 @@ def uvicorn_config(app: Starlette, config: RelayConfig) -> uvicorn.Config:
         # Browser sockets: no compression (cheap fan-out), small incoming frames.
         ws_per_message_deflate=False,
         ws_max_size=config.max_client_frame,
+        ws_ping_interval=config.ws_ping_interval or None,
+        ws_ping_timeout=config.ws_ping_interval or None,
         timeout_graceful_shutdown=10,
     )
 
