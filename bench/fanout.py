@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import resource
@@ -239,6 +240,13 @@ class Client:
                     self.done.set()
 
 
+def _quiet_driver() -> None:
+    """Collect now and not during the measurement: the driver piles up hundreds of thousands of
+    samples, and its own collector pausing would show up as latency of whatever is measured."""
+    gc.collect()
+    gc.disable()
+
+
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
@@ -323,11 +331,13 @@ async def measure(
     async with httpx.AsyncClient(timeout=60) as http:
         # Direct: the pacer fans out to N sockets itself.
         direct = await _connect(pacer_url.replace("http", "ws") + "/ws", n, relay=False)
+        _quiet_driver()
         cpu_before = _cpu_seconds(pacer_pid)
         await http.post(f"{pacer_url}/bench/direct", params={"rate": rate, "events": events})
         async with asyncio.timeout(events / rate + 60):
             await asyncio.gather(*(c.done.wait() for c in direct))
         pacer_cpu = _cpu_seconds(pacer_pid) - cpu_before
+        gc.enable()
         sent = (await http.get(f"{pacer_url}/bench/sent")).json()["sent"]
         direct_latency = _latencies(direct, sent)
         direct_frames = sum(len(c.received) for c in direct)
@@ -341,6 +351,7 @@ async def measure(
         idle_kb = (_rss_bytes(relay_pid) - rss_before) / n / 1024
         await http.post(f"{pacer_url}/bench/configure", params={"rate": rate, "events": events})
         frames_before = sum(c.frames for c in tabs)
+        _quiet_driver()
         cpu_before = _cpu_seconds(relay_pid)
         started = time.monotonic()
         body = {"prompt": {"1": {"class_type": "BenchSave", "inputs": {}}}, "client_id": CLIENT}
@@ -350,6 +361,7 @@ async def measure(
             await asyncio.gather(*(c.done.wait() for c in tabs))
         elapsed = time.monotonic() - started
         relay_cpu = _cpu_seconds(relay_pid) - cpu_before
+        gc.enable()
         delivered = sum(c.frames for c in tabs) - frames_before
         sent = (await http.get(f"{pacer_url}/bench/sent")).json()["sent"]
         relay_latency = _latencies(tabs, sent)

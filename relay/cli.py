@@ -18,7 +18,7 @@ from relay.config import DESCRIPTIONS, ENV_NAMES, ConfigError, RelayConfig
 from relay.emulator import EmulatorConfig, create_app, run_emulator
 from relay.emulator.harness import uvicorn_config
 from relay.logs import configure_logging
-from relay.server import RelayServer, run_relay
+from relay.server import RelayServer, run_relay, tune_gc
 from relay.server import uvicorn_config as relay_uvicorn_config
 
 __all__ = ["main"]
@@ -135,6 +135,7 @@ def _run_relay(args: argparse.Namespace) -> int:
         print(f"comfy-relay serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.log_format, config.log_level)
+    tune_gc()
     app = create_relay_app(config)
     with contextlib.suppress(KeyboardInterrupt):
         RelayServer(relay_uvicorn_config(app, config)).run()
@@ -179,6 +180,7 @@ async def _demo(args: argparse.Namespace) -> None:
 
 def _run_demo(args: argparse.Namespace) -> int:
     configure_logging(args.log_format, "info")
+    tune_gc()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_demo(args))
     return 0

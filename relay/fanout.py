@@ -123,10 +123,15 @@ class Subscriber:
         return self._live
 
     def offer(self, frame: Outgoing) -> None:
+        """Queue a frame without waiting. Never raises; a hopeless subscriber is marked for closing."""
+        self.deliver(frame.message, frame.key, frame.size)
+
+    def deliver(self, message: Message, key: Key | None, size: int) -> None:
         """Hand over a frame without waiting. Never raises; a hopeless subscriber is marked for closing.
 
         A subscriber that is keeping up (writer idle, nothing queued) gets the frame written
-        at once, without waking its writer task; otherwise the frame is queued.
+        at once, without waking its writer task or allocating a queue entry; otherwise the
+        frame is queued.
         """
         if self.closed or self._overflowed:
             return
@@ -136,8 +141,9 @@ class Subscriber:
             and self._waiter is not None
             and not self._waiter.done()
         ):
-            self._send_now(frame)
+            self._send_now(message)
             return
+        frame = Outgoing(message, key, size)
         if frame.key is not None and self._live >= self.coalesce_after:
             previous = self._by_key.get(frame.key)
             if previous is not None:
@@ -154,7 +160,7 @@ class Subscriber:
             self._by_key[frame.key] = frame
         self._wake()
 
-    def _send_now(self, frame: Outgoing) -> None:
+    def _send_now(self, message: Message) -> None:
         """Run the server's send for this frame up to its first wait.
 
         On a socket that can take data the send completes right here: no task switch, which is
@@ -162,7 +168,7 @@ class Subscriber:
         the send stops at its first wait; the writer task then finishes it before anything else,
         so frames stay in order and this call still never waits.
         """
-        send = self._send(frame.message)
+        send = self._send(message)
         if not isinstance(send, Coroutine):
             return
         try:
@@ -326,7 +332,7 @@ class Channel:
         message, size = send_message(payload), len(payload)
         for subscriber in self.subscribers:
             if subscriber.wants_relay:
-                subscriber.offer(Outgoing(message, key, size))
+                subscriber.deliver(message, key, size)
 
     def publish_raw(
         self, payload: str | bytes, *, key: Key | None = None, legacy: bytes | None = None
@@ -336,12 +342,12 @@ class Channel:
         ``legacy`` is the event-1 form of an event-4 preview, for clients that did not
         negotiate preview metadata.
         """
-        modern = send_message(payload)
-        old = send_message(legacy) if legacy is not None else modern
+        modern = (send_message(payload), len(payload))
+        old = (send_message(legacy), len(legacy)) if legacy is not None else modern
         for subscriber in self.subscribers:
             if subscriber.wants_comfy:
-                chosen = old if subscriber.legacy_previews else modern
-                subscriber.offer(Outgoing(chosen, key))
+                message, size = old if subscriber.legacy_previews else modern
+                subscriber.deliver(message, key, size)
 
     def since(self, seq: int) -> list[str] | None:
         """Events after ``seq`` still in the ring; None when the ring no longer covers the gap."""
