@@ -407,10 +407,13 @@ async def drive(args: argparse.Namespace) -> list[Result]:
         await _wait_http(f"{pacer_url}/queue")
         await _wait_http(f"{relay_url}/healthz")
         for n in args.subscribers:
-            rounds = [
-                await measure(n, args.rate, args.events, pacer_url, pacer.pid, relay_url, relay.pid)
-                for _ in range(args.repeat)
-            ]
+            rounds = []
+            for number in range(1, args.repeat + 1):
+                rounds.append(
+                    await measure(n, args.rate, args.events, pacer_url, pacer.pid, relay_url, relay.pid)
+                )
+                if args.verbose:
+                    print(f"  round {number}: {_row(rounds[-1])}", flush=True)
             result = _median(rounds)
             results.append(result)
             print(_row(result), flush=True)
@@ -457,6 +460,7 @@ def main() -> None:
     parser.add_argument(
         "--repeat", type=int, default=3, help="rounds per N; medians are reported (default: %(default)s)"
     )
+    parser.add_argument("--verbose", action="store_true", help="print every round, not only the medians")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     if args.pacer:

@@ -100,7 +100,8 @@ class Subscriber:
         self._by_key: dict[Key, Outgoing] = {}
         self._live = 0
         self._bytes = 0
-        self._waiter: asyncio.Future[None] | None = None
+        # Frames are written inline until start(); hello and replayed events queue before it.
+        self._started = False
         # A send that began in offer() and had to wait for the socket; the writer finishes it.
         self._inflight: tuple[Coroutine[Any, Any, None], Any] | None = None
         self._overflowed = False
@@ -129,18 +130,13 @@ class Subscriber:
     def deliver(self, message: Message, key: Key | None, size: int) -> None:
         """Hand over a frame without waiting. Never raises; a hopeless subscriber is marked for closing.
 
-        A subscriber that is keeping up (writer idle, nothing queued) gets the frame written
-        at once, without waking its writer task or allocating a queue entry; otherwise the
-        frame is queued.
+        A subscriber that is keeping up (no writer running, nothing queued) gets the frame
+        written at once, without a task switch or a queue entry; otherwise the frame is queued
+        and a writer task, started if none runs, drains the queue.
         """
         if self.closed or self._overflowed:
             return
-        if (
-            not self._queue
-            and self._inflight is None
-            and self._waiter is not None
-            and not self._waiter.done()
-        ):
+        if self._started and self.task is None and not self._queue and self._inflight is None:
             self._send_now(message)
             return
         frame = Outgoing(message, key, size)
@@ -158,7 +154,7 @@ class Subscriber:
         self._bytes += frame.size
         if frame.key is not None:
             self._by_key[frame.key] = frame
-        self._wake()
+        self._ensure_writer()
 
     def _send_now(self, message: Message) -> None:
         """Run the server's send for this frame up to its first wait.
@@ -180,10 +176,10 @@ class Subscriber:
             self.closed = True
             return
         self._inflight = (send, waiting_on)
-        self._wake()
+        self._ensure_writer()
 
     async def _finish_inflight(self) -> None:
-        """Drive a send that began in offer() to its end, as a task would have."""
+        """Drive a send that began in deliver() to its end, as a task would have."""
         assert self._inflight is not None
         send, waiting_on = self._inflight
         try:
@@ -191,6 +187,9 @@ class Subscriber:
                 if waiting_on is None:
                     await asyncio.sleep(0)  # a bare yield: just let the loop run once
                 else:
+                    # Take the future over as a task does with one its coroutine yields: a
+                    # future still marked as being waited on refuses a second await.
+                    waiting_on._asyncio_future_blocking = False
                     await waiting_on
                 try:
                     waiting_on = send.send(None)
@@ -202,10 +201,9 @@ class Subscriber:
         finally:
             self._inflight = None
 
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    def _ensure_writer(self) -> None:
+        if self._started and self.task is None and not self.closed and not self._overflowed:
+            self.task = asyncio.create_task(self._drain(), name="relay-subscriber-writer")
 
     def _kill(self, frame: Outgoing) -> None:
         """Drop a queued frame in place; the writer skips it."""
@@ -233,7 +231,10 @@ class Subscriber:
         return None
 
     def start(self) -> None:
-        self.task = asyncio.create_task(self._write_forever(), name="relay-subscriber-writer")
+        """Begin delivering: write what was queued before (greeting, replay), then live frames."""
+        self._started = True
+        if self._queue or self._inflight is not None:
+            self._ensure_writer()
 
     def _give_up(self) -> None:
         """The queue overflowed with frames that must not be dropped: close this subscriber."""
@@ -241,7 +242,6 @@ class Subscriber:
         self._queue.clear()
         self._by_key.clear()
         self._live = self._bytes = 0
-        self._wake()
         if self._closer is None:
             self._closer = asyncio.create_task(self._close_hopeless(), name="relay-subscriber-closer")
 
@@ -263,9 +263,9 @@ class Subscriber:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def _write_forever(self) -> None:
+    async def _drain(self) -> None:
+        """The writer: send what is queued, in order, then end (an idle tab holds no task)."""
         send = self._send
-        loop = asyncio.get_running_loop()
         try:
             while not self._overflowed:
                 if self._inflight is not None:
@@ -273,16 +273,15 @@ class Subscriber:
                     continue
                 frame = self._next()
                 if frame is None:
-                    self._waiter = loop.create_future()
-                    await self._waiter
-                    self._waiter = None
-                    continue
+                    return
                 await send(frame.message)
         except (OSError, RuntimeError) as exc:
             # The socket went away under us (disconnect, or a send after close).
             log.debug("subscriber writer stopped", error=repr(exc))
-        finally:
             self.closed = True
+        finally:
+            if self.task is asyncio.current_task():
+                self.task = None
 
     async def close(self, code: int, reason: str = "") -> None:
         """Stop writing and close the socket (shutdown)."""

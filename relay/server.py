@@ -6,7 +6,6 @@ sockets itself with 1001 (going away), which clients treat as a reason to reconn
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
 import socket
@@ -18,6 +17,7 @@ from starlette.applications import Starlette
 
 from relay.app import RelayState, create_app
 from relay.config import RelayConfig
+from relay.serving import InLoopServer
 
 __all__ = ["RelayServer", "RunningRelay", "run_relay", "tune_gc", "uvicorn_config"]
 
@@ -65,51 +65,21 @@ class RelayServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-class RunningRelay:
+class RunningRelay(InLoopServer):
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
-        self.port = config.port
-        self.app: Starlette | None = None
-        self._server: RelayServer | None = None
-        self._task: asyncio.Task[None] | None = None
+        super().__init__(config.host, config.port, self._serve, name="relay-server")
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.config.host}:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://{self.config.host}:{self.port}/ws"
+    def _serve(self, port: int) -> tuple[Starlette, uvicorn.Server]:
+        config = replace(self.config, port=port)
+        app = create_app(config)
+        return app, RelayServer(uvicorn_config(app, config))
 
     @property
     def state(self) -> RelayState:
         assert self.app is not None, "the relay is not running"
         state: RelayState = self.app.state.relay
         return state
-
-    async def start(self) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.config.host, self.port))
-        self.port = sock.getsockname()[1]
-        config = replace(self.config, port=self.port)
-        self.app = create_app(config)
-        self._server = RelayServer(uvicorn_config(self.app, config))
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="relay-server")
-        while not self._server.started:
-            if self._task.done():
-                await self._task
-                raise RuntimeError("the relay stopped while starting")
-            await asyncio.sleep(0.005)
-
-    async def stop(self) -> None:
-        if self._server is None or self._task is None:
-            return
-        self._server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._server = None
-        self._task = None
 
 
 @contextlib.asynccontextmanager

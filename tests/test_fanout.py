@@ -105,3 +105,26 @@ def json_seq(payload: str | bytes) -> int:
 
 def json_value(payload: str | bytes) -> int:
     return int(orjson.loads(payload)["value"])
+
+
+async def test_backpressure_then_recovery_delivers_everything_in_order() -> None:
+    """A socket that stalls mid-send and then drains gets every frame, in order, and stays open."""
+    channel = Channel("c", ring_size=100)
+    subscriber, socket = subscribe(channel, limit=32)
+    channel.publish({"type": "relay.step", "prompt_id": "p", "node": "0", "state": "running"})
+    await settle()
+    socket.flowing.clear()
+    for node in range(1, 10):  # the first of these stops inside the send, the rest queue
+        channel.publish({"type": "relay.step", "prompt_id": "p", "node": str(node), "state": "running"})
+        await settle()
+    assert len(socket.sent) == 1
+    socket.flowing.set()
+    async with asyncio.timeout(5):
+        while len(socket.sent) < 10:
+            await asyncio.sleep(0.01)
+    assert [json_seq(p) for p in socket.sent] == list(range(1, 11))
+    assert not subscriber.closed
+    assert subscriber.task is None  # the writer ends once its queue is empty
+    channel.publish({"type": "relay.done", "prompt_id": "p", "status": "success"})
+    assert json_type(socket.sent[-1]) == "relay.done"  # written inline again, no task needed
+    subscriber.stop()

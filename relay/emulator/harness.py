@@ -11,10 +11,8 @@ keeps running.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import shutil
-import socket
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -25,6 +23,7 @@ from starlette.applications import Starlette
 
 from relay.emulator.config import EmulatorConfig
 from relay.emulator.server import EmulatorState, create_app
+from relay.serving import InLoopServer
 
 __all__ = ["INCOMING_FRAME_LIMIT", "RunningEmulator", "run_emulator", "uvicorn_config"]
 
@@ -48,7 +47,7 @@ def uvicorn_config(app: Starlette, config: EmulatorConfig, log_level: str = "war
     )
 
 
-class RunningEmulator:
+class RunningEmulator(InLoopServer):
     def __init__(self, config: EmulatorConfig) -> None:
         # Folders outlive restarts, as a real server's disk does; unset ones go to a scratch dir.
         self._scratch: Path | None = None
@@ -61,48 +60,18 @@ class RunningEmulator:
                 temp_dir=config.temp_dir or self._scratch / "temp",
             )
         self.config = config
-        self.port = config.port
-        self.app: Starlette | None = None
-        self._server: uvicorn.Server | None = None
-        self._task: asyncio.Task[None] | None = None
+        super().__init__(config.host, config.port, self._serve, name="emulator-server")
 
-    @property
-    def url(self) -> str:
-        return f"http://{self.config.host}:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://{self.config.host}:{self.port}/ws"
+    def _serve(self, port: int) -> tuple[Starlette, uvicorn.Server]:
+        config = replace(self.config, port=port)
+        app = create_app(config)
+        return app, uvicorn.Server(uvicorn_config(app, config))
 
     @property
     def state(self) -> EmulatorState:
         assert self.app is not None, "the emulator is not running"
         state: EmulatorState = self.app.state.emulator
         return state
-
-    async def start(self) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.config.host, self.port))
-        self.port = sock.getsockname()[1]
-        config = replace(self.config, port=self.port)
-        self.app = create_app(config)
-        self._server = uvicorn.Server(uvicorn_config(self.app, config))
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="emulator-server")
-        while not self._server.started:
-            if self._task.done():
-                await self._task
-                raise RuntimeError("the emulator stopped while starting")
-            await asyncio.sleep(0.005)
-
-    async def stop(self) -> None:
-        if self._server is None or self._task is None:
-            return
-        self._server.should_exit = True
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._server = None
-        self._task = None
 
     async def close(self) -> None:
         """Stop, and remove the scratch folders if this object made them."""
