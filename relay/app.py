@@ -229,7 +229,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _client_id_of(request: Request, body: dict[str, Any]) -> tuple[str, bool]:
+def _client_id_of(request: Request, body: dict[str, Any]) -> str:
     """The client id from the body, else X-Client-Id, else ?clientId=; a new one if none."""
     for candidate in (
         body.get("client_id"),
@@ -240,8 +240,8 @@ def _client_id_of(request: Request, body: dict[str, Any]) -> tuple[str, bool]:
             continue
         if not isinstance(candidate, str) or not CLIENT_ID.fullmatch(candidate):
             raise BadRequest("client_id must be 1-64 characters of A-Z, a-z, 0-9, _ and -", "bad_client_id")
-        return candidate, False
-    return uuid.uuid4().hex, True
+        return candidate
+    return uuid.uuid4().hex
 
 
 async def post_prompt(request: Request) -> Response:
@@ -258,7 +258,7 @@ async def post_prompt(request: Request) -> Response:
     graph = body["prompt"]
     if not isinstance(graph, dict) or not all(isinstance(node, dict) for node in graph.values()):
         raise BadRequest("'prompt' must be an object of nodes (an API-format graph)", "invalid_prompt")
-    client_id, _ = _client_id_of(request, body)
+    client_id = _client_id_of(request, body)
     prompt_id = str(body.get("prompt_id") or uuid.uuid4())
     session = state.sessions.get(client_id)
     session.registering += 1

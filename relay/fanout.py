@@ -15,7 +15,7 @@ import contextlib
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
 import orjson
@@ -118,10 +118,6 @@ class Subscriber:
     @property
     def wants_comfy(self) -> bool:
         return self.mode != "relay"
-
-    @property
-    def depth(self) -> int:
-        return self._live
 
     def offer(self, frame: Outgoing) -> None:
         """Queue a frame without waiting. Never raises; a hopeless subscriber is marked for closing."""
@@ -357,9 +353,6 @@ class Channel:
         if not self._ring or self._ring[0][0] > seq + 1:
             return None
         return [payload for number, payload in self._ring if number > seq]
-
-    def __iter__(self) -> Iterator[Subscriber]:
-        return iter(self.subscribers)
 
 
 RAW_SEND = "relay.raw_send"

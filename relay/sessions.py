@@ -254,9 +254,6 @@ class Sessions:
     def __iter__(self) -> Iterator[ClientSession]:
         return iter(list(self._sessions.values()))
 
-    def __len__(self) -> int:
-        return len(self._sessions)
-
     def start(self) -> None:
         self._reaper = asyncio.create_task(self._reap_forever(), name="relay-session-reaper")
 
