@@ -36,6 +36,7 @@ from relay.errors import (
 )
 from relay.fanout import RAW_SEND, Mode, Outgoing, RawSend, Subscriber
 from relay.plans import build_plan, failed_outputs
+from relay.proxy import proxy_routes
 from relay.sessions import ClientSession, Sessions
 
 __all__ = ["RelayState", "create_app"]
@@ -332,6 +333,7 @@ def routes() -> list[BaseRoute]:
         Route("/api/prompt", post_prompt, methods=["POST"]),
         Route("/previews/{client_id}/{prompt_id}/{node}", get_preview, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
+        *proxy_routes(),
     ]
 
 

@@ -7,18 +7,21 @@ httpx's exceptions never leave this module: connection failures become
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 import orjson
+import structlog
 
 from relay.config import RelayConfig
 from relay.errors import UpstreamTimeout, UpstreamUnavailable
 
 __all__ = ["ComfyClient", "UpstreamAnswer"]
+
+log = structlog.get_logger("relay.comfy")
 
 # Output node classes assumed when /object_info cannot be read (the common built-ins).
 _FALLBACK_OUTPUT_CLASSES = frozenset(
@@ -64,6 +67,33 @@ class ComfyClient:
         except httpx.TransportError as exc:
             raise UpstreamUnavailable(f"ComfyUI is unreachable: {exc.__class__.__name__}") from exc
         return UpstreamAnswer(response.status_code, response.content, response.headers.get("content-type"))
+
+    async def open_stream(
+        self, method: str, path: str, *, headers: list[tuple[str, str]], content: Any = None
+    ) -> httpx.Response:
+        """Send a request and return the response with its body still unread (the caller closes it)."""
+        request = self.http.build_request(method, path, headers=headers, content=content)
+        try:
+            return await self.http.send(request, stream=True)
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout(f"ComfyUI did not answer {method} {request.url.path} in time") from exc
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable(f"ComfyUI is unreachable: {exc.__class__.__name__}") from exc
+
+    @staticmethod
+    async def body_of(response: httpx.Response, chunk_size: int) -> AsyncIterator[bytes]:
+        """A streamed response's raw bytes (not decoded), closing the response however it ends.
+
+        A connection lost half-way ends the body early; the client sees a short download
+        (its Content-Length says so) and the log says why.
+        """
+        try:
+            async for chunk in response.aiter_raw(chunk_size):
+                yield chunk
+        except httpx.HTTPError as exc:
+            log.warning("ComfyUI response cut short", path=response.request.url.path, error=repr(exc))
+        finally:
+            await response.aclose()
 
     async def post_prompt(self, body: dict[str, Any]) -> UpstreamAnswer:
         return await self.request(

@@ -16,6 +16,7 @@ import gzip
 import ipaddress
 import logging
 import zlib
+from collections import deque
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers, MutableHeaders
@@ -23,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from relay.emulator.errors import ServerCrash
 
-__all__ = ["SERVER_ERROR_BODY", "ServerEdge", "origin_allowed"]
+__all__ = ["SERVER_ERROR_BODY", "RequestLog", "ServerEdge", "origin_allowed"]
 
 logger = logging.getLogger("relay.emulator.edge")
 
@@ -191,3 +192,17 @@ async def _drain(receive: Receive) -> None:
         message = await receive()
         if message["type"] != "http.request" or not message.get("more_body", False):
             return
+
+
+class RequestLog:
+    """Remembers the last requests the server received (method, path, query, headers), for tests."""
+
+    def __init__(self, app: ASGIApp, *, log: deque[tuple[str, str, str, Headers]]) -> None:
+        self.app = app
+        self.log = log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            query = scope.get("query_string", b"").decode("latin-1")
+            self.log.append((scope.get("method", "WS"), scope["path"], query, Headers(scope=scope)))
+        await self.app(scope, receive, send)

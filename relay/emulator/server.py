@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -34,7 +35,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from relay.emulator.cache import ResultCache
 from relay.emulator.config import EmulatorConfig
-from relay.emulator.edge import ServerEdge
+from relay.emulator.edge import RequestLog, ServerEdge
 from relay.emulator.errors import ServerCrash
 from relay.emulator.executor import Executor
 from relay.emulator.files import Folders
@@ -110,6 +111,8 @@ class EmulatorState:
             catalogue=catalogue, env=self.env, cache=self.cache, hub=self.hub, speed=config.speed
         )
         self.logs = LogBook(self.hub)
+        # What reached this server, newest last (tests check what a proxy let through).
+        self.requests: deque[tuple[str, str, str, Headers]] = deque(maxlen=1000)
         self._rng = random.Random(config.seed)
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -499,7 +502,7 @@ def create_app(config: EmulatorConfig | None = None, *, catalogue: Catalogue | N
     )
     app = Starlette(
         routes=_Routes(state).routes(),
-        middleware=[edge],
+        middleware=[Middleware(RequestLog, log=state.requests), edge],
         exception_handlers={404: _not_found, HTTPException: _http_exception},
         lifespan=lifespan,
     )

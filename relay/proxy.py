@@ -1,0 +1,196 @@
+"""The rest of ComfyUI's HTTP API through the relay: streamed, validated, and safe.
+
+Bodies stream both ways chunk by chunk (memory does not grow with file size) over the one
+shared HTTP client. Hop-by-hop headers are dropped, and so are the browser's ``Origin``,
+``Referer`` and cookies: ComfyUI answers 403 when ``Origin`` does not match a loopback
+``Host``, and it has no business with the browser's cookies. Requests that ComfyUI would answer
+with a 500 are refused here with a 400; requests that try to leave ComfyUI's folders never
+reach it. Every route is served at its own path and under ``/api``, as ComfyUI does.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+
+from relay.errors import BadRequest
+
+__all__ = ["proxy_routes", "validate_view_query"]
+
+# Bytes per read from ComfyUI: large enough that per-chunk overhead is small next to a copy.
+CHUNK = 256 * 1024
+
+_HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
+     "transfer-encoding", "upgrade"}
+)  # fmt: skip
+_NOT_FORWARDED = _HOP_BY_HOP | {"host", "origin", "referer", "cookie", "content-length", "x-client-id"}
+_NOT_RETURNED = _HOP_BY_HOP | {"set-cookie", "server", "date"}
+_FILE_TYPES = ("output", "input", "temp")
+_ANNOTATIONS = (" [output]", " [input]", " [temp]", "[output]", "[input]", "[temp]")
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _upstream_headers(request: Request) -> list[tuple[str, str]]:
+    return [(name, value) for name, value in request.headers.items() if name.lower() not in _NOT_FORWARDED]
+
+
+def _returned_headers(headers: Any) -> dict[str, str]:
+    return {name: value for name, value in headers.items() if name.lower() not in _NOT_RETURNED}
+
+
+def _path_with_query(request: Request, path: str) -> str:
+    query = request.url.query
+    return f"{path}?{query}" if query else path
+
+
+async def forward(request: Request, path: str, *, content: Any = None) -> Response:
+    """Send the request on to ComfyUI and stream its answer back, status and headers included."""
+    comfy = request.app.state.relay.comfy
+    upstream = await comfy.open_stream(
+        request.method, _path_with_query(request, path), headers=_upstream_headers(request), content=content
+    )
+    headers = _returned_headers(upstream.headers)
+    if request.method == "HEAD" or upstream.status_code in (204, 304):
+        await upstream.aclose()
+        return Response(status_code=upstream.status_code, headers=headers)
+    return StreamingResponse(
+        comfy.body_of(upstream, CHUNK), status_code=upstream.status_code, headers=headers
+    )
+
+
+def _unsafe_name(name: str) -> bool:
+    return "\\" in name or "\x00" in name
+
+
+def validate_view_query(query: Any) -> None:
+    """Refuse a /view request whose names try to leave ComfyUI's folders, or an unknown type.
+
+    Raises:
+        BadRequest: with a message saying which parameter is refused.
+    """
+    filename = query.get("filename")
+    if filename is not None:
+        bare = filename
+        for annotation in _ANNOTATIONS:
+            if bare.endswith(annotation):
+                bare = bare[: -len(annotation)]
+                break
+        if bare.startswith("/") or ".." in bare or _unsafe_name(bare):
+            raise BadRequest("filename must stay inside its folder (no '..', no leading '/')", "bad_filename")
+    subfolder = query.get("subfolder")
+    if subfolder:
+        normal = posixpath.normpath(subfolder)
+        if subfolder.startswith("/") or normal == ".." or normal.startswith("../") or _unsafe_name(subfolder):
+            raise BadRequest(
+                "subfolder must stay inside its folder (no '..', no leading '/')", "bad_subfolder"
+            )
+    file_type = query.get("type")
+    if file_type is not None and file_type not in _FILE_TYPES:
+        raise BadRequest("type must be output, input or temp", "bad_type")
+
+
+async def view(request: Request) -> Response:
+    validate_view_query(request.query_params)
+    return await forward(request, "/view")
+
+
+async def _json_body(request: Request, *, limit: int = 1024 * 1024) -> bytes:
+    """A small JSON object body, checked: ComfyUI answers 500 to empty or malformed ones."""
+    body = await request.body()
+    if len(body) > limit:
+        raise BadRequest(f"the body must be a JSON object of at most {limit} bytes", "invalid_body")
+    try:
+        data = orjson.loads(body) if body.strip() else None
+    except orjson.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        raise BadRequest("the body must be a JSON object", "invalid_body")
+    return body
+
+
+def _passthrough(path_of: Callable[[Request], str]) -> Handler:
+    async def handler(request: Request) -> Response:
+        return await forward(request, path_of(request))
+
+    return handler
+
+
+def _checked_post(path: str) -> Handler:
+    async def handler(request: Request) -> Response:
+        return await forward(request, path, content=await _json_body(request))
+
+    return handler
+
+
+async def interrupt(request: Request) -> Response:
+    """Global with no body or ``{}``; targeted with ``{"prompt_id": ...}``."""
+    body = await request.body()
+    if body.strip():
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise BadRequest("the body must be empty or a JSON object", "invalid_body") from None
+        if not isinstance(data, dict) or not isinstance(data.get("prompt_id", ""), str):
+            raise BadRequest('the body must be empty or {"prompt_id": "..."}', "invalid_body")
+    return await forward(request, "/interrupt", content=body or b"{}")
+
+
+async def queue(request: Request) -> Response:
+    """GET /queue with pending prompts in the order they will run (ComfyUI gives its heap array)."""
+    comfy = request.app.state.relay.comfy
+    answer = await comfy.request("GET", "/queue")
+    if answer.status != 200:
+        return Response(answer.content, status_code=answer.status, media_type=answer.content_type)
+    body = answer.json()
+    pending = body.get("queue_pending") if isinstance(body, dict) else None
+    if isinstance(pending, list):
+        body["queue_pending"] = sorted(pending, key=_run_order)
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+def _run_order(item: Any) -> tuple[float, str]:
+    if isinstance(item, list) and len(item) > 1 and isinstance(item[0], (int, float)):
+        return (float(item[0]), str(item[1]))
+    return (float("inf"), "")
+
+
+def _segment(request: Request, name: str) -> str:
+    """A path parameter quoted again for the upstream URL: it cannot add path segments there."""
+    return quote(str(request.path_params[name]), safe="")
+
+
+def proxy_routes() -> list[BaseRoute]:
+    """The proxied routes, each at its own path and under /api."""
+    routes: list[tuple[str, Handler, list[str]]] = [
+        ("/view", view, ["GET", "HEAD"]),
+        ("/queue", queue, ["GET"]),
+        ("/queue", _checked_post("/queue"), ["POST"]),
+        ("/history", _passthrough(lambda r: "/history"), ["GET"]),
+        ("/history", _checked_post("/history"), ["POST"]),
+        ("/history/{prompt_id}", _passthrough(lambda r: "/history/" + _segment(r, "prompt_id")), ["GET"]),
+        ("/interrupt", interrupt, ["POST"]),
+        ("/prompt", _passthrough(lambda r: "/prompt"), ["GET"]),
+        ("/object_info", _passthrough(lambda r: "/object_info"), ["GET"]),
+        (
+            "/object_info/{node_class}",
+            _passthrough(lambda r: "/object_info/" + _segment(r, "node_class")),
+            ["GET"],
+        ),
+        ("/system_stats", _passthrough(lambda r: "/system_stats"), ["GET"]),
+        ("/features", _passthrough(lambda r: "/features"), ["GET"]),
+        ("/free", _checked_post("/free"), ["POST"]),
+    ]
+    return [
+        Route(prefix + path, handler, methods=methods)
+        for prefix in ("", "/api")
+        for path, handler, methods in routes
+    ]

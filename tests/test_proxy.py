@@ -1,0 +1,189 @@
+"""The proxied ComfyUI API through the relay: streaming, validation, errors and header hygiene."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+from urllib.parse import unquote
+
+import httpx
+
+from relay.emulator import RunningEmulator
+from relay.server import run_relay
+from tests.conftest import relay_config
+from tests.relay_client import open_tab
+from tests.test_relay_events import submit
+from tests.tracekit import load_trace
+
+
+def reached(emulator: RunningEmulator, path: str) -> list[str]:
+    """Queries of the requests for ``path`` that got to the emulator."""
+    return [query for _, seen, query, _ in emulator.state.requests if seen == path]
+
+
+async def test_view_streams_files_byte_for_byte(
+    relay_http: httpx.AsyncClient, emulator: RunningEmulator
+) -> None:
+    """Small and large files come through identical, with ComfyUI's type, disposition and validators."""
+    output = emulator.state.folders.output
+    for name, size in (("small.png", 4096), ("large.bin", 48 * 1024 * 1024)):
+        data = os.urandom(size)
+        (output / name).write_bytes(data)
+        async with relay_http.stream("GET", "/view", params={"filename": name, "type": "output"}) as response:
+            assert response.status_code == 200
+            digest = hashlib.sha256()
+            async for chunk in response.aiter_raw():
+                digest.update(chunk)
+        assert digest.hexdigest() == hashlib.sha256(data).hexdigest(), name
+        assert response.headers["content-disposition"] == f'filename="{name}"'
+        assert int(response.headers["content-length"]) == size
+    assert response.headers["content-type"] == "application/octet-stream"
+    assert "etag" in response.headers
+
+
+async def test_view_range_conditional_head_and_previews(
+    relay_http: httpx.AsyncClient, emulator: RunningEmulator
+) -> None:
+    """Range gives 206, a matching ETag 304, HEAD headers only; preview= re-encodes as ComfyUI does."""
+    tab_graph = load_trace("01").workflow()
+    tab = await open_tab(relay_http.base_url.copy_with(scheme="ws", path="/ws").__str__(), "clientId=viewer")
+    prompt_id = await submit(relay_http, tab_graph, "viewer")
+    done = await tab.wait_done(prompt_id)
+    saved = done["outputs"]["3"]["images"][0]
+    params = {"filename": saved["filename"], "type": "output", "subfolder": ""}
+    full = await relay_http.get("/view", params=params)
+    assert full.headers["content-type"] == "image/png"
+    part = await relay_http.get("/view", params=params, headers={"Range": "bytes=0-15"})
+    assert part.status_code == 206
+    assert part.content == full.content[:16]
+    assert part.headers["content-range"] == f"bytes 0-15/{len(full.content)}"
+    cached = await relay_http.get("/view", params=params, headers={"If-None-Match": full.headers["etag"]})
+    assert (cached.status_code, cached.content) == (304, b"")
+    head = await relay_http.head("/view", params=params)
+    assert (head.status_code, head.content, head.headers["content-length"]) == (
+        200,
+        b"",
+        str(len(full.content)),
+    )
+    webp = await relay_http.get("/view", params={**params, "preview": "webp;90"})
+    assert webp.headers["content-type"] == "image/webp"
+    assert (
+        await relay_http.get("/view", params={"filename": "nope.png"})
+    ).status_code == 404  # ComfyUI's own
+    await tab.close()
+
+
+async def test_traversal_attempts_never_reach_comfyui(
+    relay_http: httpx.AsyncClient, emulator: RunningEmulator
+) -> None:
+    """Every refused /view of traces 12 (and subfolder escapes of 07) gets a 400 JSON error from the relay."""
+    refused = [
+        r for r in load_trace("12").http("GET") if r["status"] in (400, 403) and r["path"].startswith("/view")
+    ]
+    assert len(refused) >= 6
+    for record in refused:
+        query = record["path"].partition("?")[2]
+        if query == "filename=":
+            continue  # an empty filename is not an escape; ComfyUI's own 400 comes back
+        response = await relay_http.get(f"/view?{query}")
+        assert response.status_code == 400, record["path"]
+        assert response.json()["error"]["type"] in ("bad_filename", "bad_subfolder", "bad_type")
+    for escape in ("../escape", "/abs", "a/../../b", "..\\\\win"):
+        response = await relay_http.get("/view", params={"filename": "x.png", "subfolder": escape})
+        assert response.status_code == 400, escape
+    leaked = [unquote(q) for q in reached(emulator, "/view")]
+    assert not [q for q in leaked if ".." in q or "etc" in q or "bogus" in q], leaked
+
+
+async def test_malformed_bodies_are_refused_before_comfyui(
+    relay_http: httpx.AsyncClient, emulator: RunningEmulator
+) -> None:
+    """Bodies ComfyUI answers with its 500 page get a 400 JSON error from the relay instead."""
+    for path in ("/queue", "/history", "/free", "/api/queue"):
+        for body in (b"", b"not json", b"[1]"):
+            response = await relay_http.post(path, content=body)
+            assert response.status_code == 400, (path, body)
+            assert response.json()["error"]["type"] == "invalid_body"
+    assert (await relay_http.post("/interrupt", content=b"[1, 2]")).status_code == 400
+    assert reached(emulator, "/queue") == []
+    assert (await relay_http.post("/interrupt")).status_code == 200  # no body: a global interrupt
+    assert (await relay_http.post("/free", json={"unload_models": True})).status_code == 200
+
+
+async def test_queue_in_run_order_and_api_prefix(
+    relay_http: httpx.AsyncClient, emulator: RunningEmulator
+) -> None:
+    """GET /queue lists pending prompts in the order they will run; /api/... serves the same."""
+    trace = load_trace("10")
+    async with httpx.AsyncClient(base_url=emulator.url) as comfy:
+        await comfy.post("/prompt", json={"prompt": _slow(trace.workflow("blocker"))})
+        # Trace 10's pattern: three plain, one in front, one with number 1.5, one plain.
+        for extra in ({}, {}, {}, {"front": True}, {"number": 1.5}, {}):
+            await comfy.post("/prompt", json={"prompt": trace.workflow("p1"), **extra})
+        heap = [item[0] for item in (await comfy.get("/queue")).json()["queue_pending"]]
+        for path in ("/queue", "/api/queue"):
+            ordered = [item[0] for item in (await relay_http.get(path)).json()["queue_pending"]]
+            assert ordered == sorted(heap)
+        assert heap != sorted(heap)  # ComfyUI's own answer is a heap, not run order
+        await comfy.post("/queue", json={"clear": True})
+        await comfy.post("/interrupt")
+    for path in (
+        "/api/object_info/EmptyImage",
+        "/api/features",
+        "/api/system_stats",
+        "/history",
+        "/api/prompt",
+    ):
+        assert (await relay_http.get(path)).status_code == 200, path
+
+
+def _slow(graph: dict[str, object]) -> dict[str, object]:
+    graph["2"]["inputs"]["steps"] = 200  # type: ignore[index]
+    return graph
+
+
+async def test_browser_origin_and_cookies_are_not_forwarded(
+    relay_http: httpx.AsyncClient, emulator: RunningEmulator
+) -> None:
+    """ComfyUI would answer 403 to a foreign Origin on its loopback address; the relay does not pass it on."""
+    headers = {
+        "Origin": "http://app.example",
+        "Referer": "http://app.example/page",
+        "Cookie": "session=secret",
+    }
+    response = await relay_http.get("/object_info/EmptyImage", headers=headers)
+    assert response.status_code == 200
+    _, _, _, seen = next(r for r in reversed(emulator.state.requests) if r[1] == "/object_info/EmptyImage")
+    assert "origin" not in seen
+    assert "referer" not in seen
+    assert "cookie" not in seen
+
+
+async def test_unreachable_and_stalled_comfyui(emulator: RunningEmulator) -> None:
+    """ComfyUI down: 502 JSON. ComfyUI accepting but never answering: 504 JSON. Never a traceback."""
+    async with (
+        run_relay(relay_config(emulator, http_read_timeout=0.5)) as relay,
+        httpx.AsyncClient(base_url=relay.url, timeout=30) as http,
+    ):
+        await emulator.stop()
+        down = await http.get("/queue")
+        assert down.status_code == 502
+        assert down.json()["error"]["type"] == "upstream_unavailable"
+        await emulator.start()
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    port = silent.getsockname()[1]
+    try:
+        config = relay_config(emulator, comfyui_url=f"http://127.0.0.1:{port}", http_read_timeout=0.5)
+        async with run_relay(config) as stalled, httpx.AsyncClient(base_url=stalled.url, timeout=30) as http:
+            response = await http.get("/system_stats")
+            assert response.status_code == 504
+            assert response.json()["error"]["type"] == "upstream_timeout"
+            assert "Traceback" not in response.text
+    finally:
+        silent.close()
+    await asyncio.sleep(0)
