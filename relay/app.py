@@ -38,6 +38,7 @@ from relay.fanout import RAW_SEND, Mode, Outgoing, RawSend, Subscriber
 from relay.plans import build_plan, failed_outputs
 from relay.proxy import proxy_routes
 from relay.sessions import ClientSession, Sessions
+from relay.uploads import upload_routes
 
 __all__ = ["RelayState", "create_app"]
 
@@ -334,6 +335,7 @@ def routes() -> list[BaseRoute]:
         Route("/previews/{client_id}/{prompt_id}/{node}", get_preview, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         *proxy_routes(),
+        *upload_routes(),
     ]
 
 

@@ -46,6 +46,8 @@ class RelayConfig:
     # Frames a subscriber may have queued before progress coalesces and, at worst, it is closed.
     subscriber_queue: int = 512
     max_prompt_bytes: int = 16 * 1024 * 1024
+    # ComfyUI's own default limit is 100 MB.
+    max_upload_bytes: int = 100 * 1024 * 1024
     max_client_frame: int = 64 * 1024
     # Seconds between keepalive pings to each browser socket (0 turns them off). Dead tabs
     # behind proxies are only noticed through these.
@@ -116,6 +118,7 @@ DESCRIPTIONS: dict[str, str] = {
     "ring_size": "events kept per client for resuming with ?since=",
     "subscriber_queue": "frames a tab may have waiting before it counts as too slow",
     "max_prompt_bytes": "largest POST /prompt body, bytes",
+    "max_upload_bytes": "largest upload (/upload/image, /upload/mask), bytes",
     "max_client_frame": "largest WebSocket frame a browser may send, bytes",
     "ws_ping_interval": "seconds between keepalive pings to browser sockets (0: none)",
     "preview_slots": "live preview images kept per client",
@@ -140,6 +143,7 @@ ENV_NAMES: dict[str, str] = {
     "ring_size": "RELAY_RING_SIZE",
     "subscriber_queue": "RELAY_SUBSCRIBER_QUEUE",
     "max_prompt_bytes": "RELAY_MAX_PROMPT_BYTES",
+    "max_upload_bytes": "RELAY_MAX_UPLOAD_BYTES",
     "max_client_frame": "RELAY_MAX_CLIENT_FRAME",
     "ws_ping_interval": "RELAY_WS_PING_INTERVAL",
     "preview_slots": "RELAY_PREVIEW_SLOTS",

@@ -22,7 +22,7 @@ from starlette.routing import BaseRoute, Route
 
 from relay.errors import BadRequest
 
-__all__ = ["proxy_routes", "validate_view_query"]
+__all__ = ["forward", "proxy_routes", "upstream_safe_name", "upstream_safe_subfolder", "validate_view_query"]
 
 # Bytes per read from ComfyUI: large enough that per-chunk overhead is small next to a copy.
 CHUNK = 256 * 1024
@@ -52,11 +52,17 @@ def _path_with_query(request: Request, path: str) -> str:
     return f"{path}?{query}" if query else path
 
 
-async def forward(request: Request, path: str, *, content: Any = None) -> Response:
-    """Send the request on to ComfyUI and stream its answer back, status and headers included."""
+async def forward(request: Request, path: str, *, content: Any = None, length: int | None = None) -> Response:
+    """Send the request on to ComfyUI and stream its answer back, status and headers included.
+
+    ``length`` is the size of a streamed ``content``, sent as its Content-Length.
+    """
     comfy = request.app.state.relay.comfy
+    sent = _upstream_headers(request)
+    if length is not None:
+        sent.append(("content-length", str(length)))
     upstream = await comfy.open_stream(
-        request.method, _path_with_query(request, path), headers=_upstream_headers(request), content=content
+        request.method, _path_with_query(request, path), headers=sent, content=content
     )
     headers = _returned_headers(upstream.headers)
     if request.method == "HEAD" or upstream.status_code in (204, 304):
@@ -69,6 +75,21 @@ async def forward(request: Request, path: str, *, content: Any = None) -> Respon
 
 def _unsafe_name(name: str) -> bool:
     return "\\" in name or "\x00" in name
+
+
+def upstream_safe_name(name: str) -> bool:
+    """A file name ComfyUI will keep inside its folder (its own rule: no '..', no leading '/')."""
+    return not (name.startswith("/") or ".." in name or _unsafe_name(name))
+
+
+def upstream_safe_subfolder(subfolder: str) -> bool:
+    """A subfolder that stays inside its folder."""
+    if not subfolder:
+        return True
+    normal = posixpath.normpath(subfolder)
+    return not (
+        subfolder.startswith("/") or normal == ".." or normal.startswith("../") or _unsafe_name(subfolder)
+    )
 
 
 def validate_view_query(query: Any) -> None:
@@ -84,15 +105,10 @@ def validate_view_query(query: Any) -> None:
             if bare.endswith(annotation):
                 bare = bare[: -len(annotation)]
                 break
-        if bare.startswith("/") or ".." in bare or _unsafe_name(bare):
+        if not upstream_safe_name(bare):
             raise BadRequest("filename must stay inside its folder (no '..', no leading '/')", "bad_filename")
-    subfolder = query.get("subfolder")
-    if subfolder:
-        normal = posixpath.normpath(subfolder)
-        if subfolder.startswith("/") or normal == ".." or normal.startswith("../") or _unsafe_name(subfolder):
-            raise BadRequest(
-                "subfolder must stay inside its folder (no '..', no leading '/')", "bad_subfolder"
-            )
+    if not upstream_safe_subfolder(query.get("subfolder") or ""):
+        raise BadRequest("subfolder must stay inside its folder (no '..', no leading '/')", "bad_subfolder")
     file_type = query.get("type")
     if file_type is not None and file_type not in _FILE_TYPES:
         raise BadRequest("type must be output, input or temp", "bad_type")

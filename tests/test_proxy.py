@@ -6,16 +6,17 @@ import asyncio
 import hashlib
 import os
 import socket
+from collections.abc import AsyncIterator
 from urllib.parse import unquote
 
 import httpx
 
 from relay.emulator import RunningEmulator
-from relay.server import run_relay
+from relay.server import RunningRelay, run_relay
 from tests.conftest import relay_config
 from tests.relay_client import open_tab
 from tests.test_relay_events import submit
-from tests.tracekit import load_trace
+from tests.tracekit import TRACES, load_trace
 
 
 def reached(emulator: RunningEmulator, path: str) -> list[str]:
@@ -187,3 +188,78 @@ async def test_unreachable_and_stalled_comfyui(emulator: RunningEmulator) -> Non
     finally:
         silent.close()
     await asyncio.sleep(0)
+
+
+PNG = (TRACES / "07-upload.probe_upload.png").read_bytes()
+
+
+async def test_upload_round_trip_and_dedup(relay: RunningRelay, relay_http: httpx.AsyncClient) -> None:
+    """An upload through the relay lands in ComfyUI's input folder and a LoadImage graph uses it."""
+    first = await relay_http.post("/upload/image", files={"image": ("portrait.png", PNG, "image/png")})
+    assert first.json() == {"name": "portrait.png", "subfolder": "", "type": "input"}
+    other = PNG[:-5] + bytes(5)
+    second = await relay_http.post("/api/upload/image", files={"image": ("portrait.png", other, "image/png")})
+    assert second.json()["name"] == "portrait (1).png"  # ComfyUI's own naming comes back
+    tab = await open_tab(relay.ws_url, "clientId=uploader")
+    graph = load_trace("07").workflow()
+    graph["1"]["inputs"]["image"] = "portrait.png"
+    done = await tab.wait_done(await submit(relay_http, graph, "uploader"))
+    assert done["status"] == "success"
+    mask = await relay_http.post(
+        "/upload/mask",
+        files={"image": ("mask.png", PNG, "image/png")},
+        data={"original_ref": '{"filename": "portrait.png", "subfolder": "", "type": "input"}'},
+    )
+    assert mask.status_code == 200
+    await tab.close()
+
+
+async def test_unsafe_uploads_never_reach_comfyui(
+    relay_http: httpx.AsyncClient, emulator: RunningEmulator
+) -> None:
+    """Trace 07's traversal names, an unknown type, a text 'image' and a JSON body are refused with 400."""
+    cases = [
+        ({"image": ("../evil.png", PNG, "image/png")}, {}, "bad_filename"),
+        ({"image": ("sub/../../evil2.png", PNG, "image/png")}, {}, "bad_filename"),
+        ({"image": ("ok.png", PNG, "image/png")}, {"subfolder": "../escape"}, "bad_subfolder"),
+        ({"image": ("ok.png", PNG, "image/png")}, {"type": "bogus"}, "bad_type"),
+        ({}, {"image": "just a string field"}, "invalid_upload"),
+        ({"file": ("ok.png", PNG, "image/png")}, {}, "invalid_upload"),
+    ]
+    for files, data, kind in cases:
+        response = await relay_http.post("/upload/image", files=files or None, data=data)
+        assert response.status_code == 400, (files, data)
+        assert response.json()["error"]["type"] == kind
+    as_json = await relay_http.post("/upload/image", json={"image": "x"})
+    assert as_json.json()["error"]["type"] == "invalid_upload"
+    no_ref = await relay_http.post("/upload/mask", files={"image": ("m.png", PNG, "image/png")})
+    assert no_ref.status_code == 400
+    assert reached(emulator, "/upload/image") == []
+    assert reached(emulator, "/upload/mask") == []
+
+
+async def test_upload_limit(emulator: RunningEmulator) -> None:
+    """Over RELAY_MAX_UPLOAD_BYTES: 413 JSON, declared or streamed, and ComfyUI never sees it."""
+    async with (
+        run_relay(relay_config(emulator, max_upload_bytes=1024 * 1024)) as relay,
+        httpx.AsyncClient(base_url=relay.url, timeout=30) as http,
+    ):
+        big = os.urandom(2 * 1024 * 1024)
+        declared = await http.post("/upload/image", files={"image": ("big.png", big, "image/png")})
+        assert declared.status_code == 413
+        assert declared.json()["error"]["type"] == "payload_too_large"
+
+        async def chunked() -> AsyncIterator[bytes]:
+            boundary = b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="b.png"\r\n\r\n'
+            yield boundary
+            for _ in range(32):
+                yield bytes(64 * 1024)
+            yield b"\r\n--xyz--\r\n"
+
+        streamed = await http.post(
+            "/upload/image", content=chunked(), headers={"Content-Type": "multipart/form-data; boundary=xyz"}
+        )
+        assert streamed.status_code == 413
+        small = await http.post("/upload/image", files={"image": ("small.png", PNG, "image/png")})
+        assert small.status_code == 200
+    assert reached(emulator, "/upload/image") == [""]  # only the small one
