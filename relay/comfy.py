@@ -81,14 +81,15 @@ class ComfyClient:
             raise UpstreamUnavailable(f"ComfyUI is unreachable: {exc.__class__.__name__}") from exc
 
     @staticmethod
-    async def body_of(response: httpx.Response, chunk_size: int) -> AsyncIterator[bytes]:
+    async def body_of(response: httpx.Response) -> AsyncIterator[bytes]:
         """A streamed response's raw bytes (not decoded), closing the response however it ends.
 
         A connection lost half-way ends the body early; the client sees a short download
         (its Content-Length says so) and the log says why.
         """
         try:
-            async for chunk in response.aiter_raw(chunk_size):
+            # As the network delivers them: re-chunking would only add a copy.
+            async for chunk in response.aiter_raw():
                 yield chunk
         except httpx.HTTPError as exc:
             log.warning("ComfyUI response cut short", path=response.request.url.path, error=repr(exc))

@@ -24,9 +24,6 @@ from relay.errors import BadRequest
 
 __all__ = ["forward", "proxy_routes", "upstream_safe_name", "upstream_safe_subfolder", "validate_view_query"]
 
-# Bytes per read from ComfyUI: large enough that per-chunk overhead is small next to a copy.
-CHUNK = 256 * 1024
-
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
      "transfer-encoding", "upgrade"}
@@ -68,9 +65,7 @@ async def forward(request: Request, path: str, *, content: Any = None, length: i
     if request.method == "HEAD" or upstream.status_code in (204, 304):
         await upstream.aclose()
         return Response(status_code=upstream.status_code, headers=headers)
-    return StreamingResponse(
-        comfy.body_of(upstream, CHUNK), status_code=upstream.status_code, headers=headers
-    )
+    return StreamingResponse(comfy.body_of(upstream), status_code=upstream.status_code, headers=headers)
 
 
 def _unsafe_name(name: str) -> bool:

@@ -29,7 +29,7 @@ __all__ = ["upload_image", "upload_mask", "upload_routes"]
 
 _SPOOL_IN_MEMORY = 1024 * 1024
 _FIELD_LIMIT = 64 * 1024
-_READ = 256 * 1024
+_READ = 1024 * 1024
 _UPLOAD_TYPES = ("input", "temp", "output")
 
 
@@ -40,6 +40,7 @@ class _Form:
     fields: dict[str, str] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     _headers: dict[str, bytes] = field(default_factory=dict)
+    _part: dict[str, str] = field(default_factory=dict)
     _name: bytes = b""
     _value: bytes = b""
     _data: bytearray = field(default_factory=bytearray)
@@ -55,12 +56,16 @@ class _Form:
             self._headers[self._name.decode("latin-1").lower()] = self._value
             self._name = self._value = b""
 
+        def headers_finished() -> None:
+            self._part = self._disposition()
+
         def part_data(data: bytes, start: int, end: int) -> None:
-            if "filename" not in self._disposition() and len(self._data) < _FIELD_LIMIT:
+            # Called for every chunk of a file: keep it cheap, keep only small text fields.
+            if "filename" not in self._part and len(self._data) < _FIELD_LIMIT:
                 self._data += data[start:end]
 
         def part_end() -> None:
-            disposition = self._disposition()
+            disposition = self._part
             name = disposition.get("name", "")
             if "filename" in disposition:
                 self.files[name] = disposition["filename"]
@@ -73,6 +78,7 @@ class _Form:
             "on_header_field": header_field,
             "on_header_value": header_value,
             "on_header_end": header_end,
+            "on_headers_finished": headers_finished,
             "on_part_data": part_data,
             "on_part_end": part_end,
         }

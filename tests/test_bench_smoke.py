@@ -22,3 +22,12 @@ def test_fanout_benchmark_runs(tmp_path: Path) -> None:
     assert row["delivered_frames"] >= 10  # five progress events to each of two tabs, at least
     for key in ("relay_cpu_us_per_frame", "relay_p50_ms", "direct_p50_ms", "idle_kb_per_subscriber"):
         assert row[key] > 0
+
+
+def test_proxy_benchmark_runs() -> None:
+    """bench/proxy.py measures downloads and uploads both ways and prints their ratios."""
+    command = [sys.executable, str(BENCH / "proxy.py"), "--megabytes", "1", "--repeat", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+    assert "download /view" in result.stdout
+    assert "upload /upload/image" in result.stdout
+    assert result.stdout.count("ratio") == 2
