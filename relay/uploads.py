@@ -1,20 +1,19 @@
 """POST /upload/image and /upload/mask: checked, then streamed to ComfyUI, never held in memory.
 
-A multipart form's fields may come after its file, so the relay cannot judge an upload until
-it has seen all of it. The body goes to a spooled temporary file (memory up to a small
-threshold, then disk) while a streaming multipart parser notes each part's name, file name and
-small field values. Then the relay refuses what ComfyUI must not get (a file name or subfolder
-leaving its folder, an unknown type, no file, a text field where the file belongs) with a 400,
-and streams the spooled body to ComfyUI unchanged. Over the size limit: 413, before reading
-anything when the client declared its length.
+The relay reads the form until the first file part's headers, checking the file name and every
+field before it; only then does it open the request to ComfyUI, forwarding what it read and
+then the rest as it arrives. Fields after the file (browsers may put ``subfolder`` or ``type``
+there) are checked as they complete; an unsafe one, or a body over the size limit, aborts the
+request to ComfyUI half-way, so ComfyUI, which stores nothing until a form is complete, keeps
+nothing, and the client gets the 400 or 413. Over the limit with a declared length: 413 before
+anything is read.
 """
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
 import orjson
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -27,9 +26,9 @@ from relay.proxy import forward, upstream_safe_name, upstream_safe_subfolder
 
 __all__ = ["upload_image", "upload_mask", "upload_routes"]
 
-_SPOOL_IN_MEMORY = 1024 * 1024
 _FIELD_LIMIT = 64 * 1024
-_READ = 1024 * 1024
+# The most the relay reads before the first file part: fields are small, a form is not a file.
+_PREFETCH = 4 * 1024 * 1024
 _UPLOAD_TYPES = ("input", "temp", "output")
 
 
@@ -39,6 +38,7 @@ class _Form:
 
     fields: dict[str, str] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
+    first_file: tuple[str, str] | None = None
     _headers: dict[str, bytes] = field(default_factory=dict)
     _part: dict[str, str] = field(default_factory=dict)
     _name: bytes = b""
@@ -58,6 +58,8 @@ class _Form:
 
         def headers_finished() -> None:
             self._part = self._disposition()
+            if "filename" in self._part and self.first_file is None:
+                self.first_file = (self._part.get("name", ""), self._part["filename"])
 
         def part_data(data: bytes, start: int, end: int) -> None:
             # Called for every chunk of a file: keep it cheap, keep only small text fields.
@@ -88,7 +90,7 @@ class _Form:
         return {k.decode("latin-1"): v.decode("utf-8", errors="replace") for k, v in params.items()}
 
 
-async def _spool(request: Request, limit: int) -> tuple[IO[bytes], _Form, int]:
+def _multipart(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"uploads are limited to {limit} bytes")
@@ -96,61 +98,78 @@ async def _spool(request: Request, limit: int) -> tuple[IO[bytes], _Form, int]:
     boundary = params.get(b"boundary")
     if media_type != b"multipart/form-data" or not boundary:
         raise BadRequest("an upload must be multipart/form-data with an 'image' file", "invalid_upload")
-    form = _Form()
-    parser = MultipartParser(boundary, form.callbacks())
-    spool: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY)  # noqa: SIM115
-    size = 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                break
-            spool.write(chunk)
-            parser.write(chunk)
-        else:
-            parser.finalize()
-    except Exception as exc:  # the multipart parser's own errors: a malformed body
-        spool.close()
-        raise BadRequest(f"the upload is not a well-formed multipart form: {exc}", "invalid_upload") from None
-    if size > limit:
-        spool.close()
-        raise PayloadTooLarge(f"uploads are limited to {limit} bytes")
-    spool.seek(0)
-    return spool, form, size
+    return boundary
 
 
-def _check(form: _Form) -> None:
-    if "image" not in form.files:
-        if "image" in form.fields:
-            raise BadRequest("'image' must be a file part, not a text field", "invalid_upload")
-        raise BadRequest("the form needs an 'image' file part", "invalid_upload")
-    if not upstream_safe_name(form.files["image"]) or "/" in form.files["image"]:
-        raise BadRequest("the file name must be a plain name (no '/', no '..')", "bad_filename")
+def _check_fields(form: _Form, *, mask: bool) -> None:
+    """Fields complete so far; raise for the first unsafe one."""
+    if "image" in form.fields:
+        raise BadRequest("'image' must be a file part, not a text field", "invalid_upload")
     if not upstream_safe_subfolder(form.fields.get("subfolder", "")):
         raise BadRequest("subfolder must stay inside its folder (no '..', no leading '/')", "bad_subfolder")
     if form.fields.get("type", "input") not in _UPLOAD_TYPES:
         raise BadRequest("type must be input, temp or output", "bad_type")
+    if mask and "original_ref" in form.fields:
+        _check_original_ref(form.fields["original_ref"])
 
 
-async def _stream(spool: IO[bytes]) -> AsyncIterator[bytes]:
+def _check_file(form: _Form) -> None:
+    """The first file part, whose headers have been read: it must be 'image' with a plain name."""
+    name, filename = form.first_file or ("", "")
+    if name != "image":
+        raise BadRequest("the form needs an 'image' file part", "invalid_upload")
+    if not upstream_safe_name(filename) or "/" in filename:
+        raise BadRequest("the file name must be a plain name (no '/', no '..')", "bad_filename")
+
+
+def _feed(parser: MultipartParser, chunk: bytes) -> None:
     try:
-        while chunk := spool.read(_READ):
-            yield chunk
-    finally:
-        spool.close()
+        parser.write(chunk)
+    except Exception as exc:  # the multipart parser's own errors: a malformed body
+        raise BadRequest(f"the upload is not a well-formed multipart form: {exc}", "invalid_upload") from None
 
 
 async def _upload(request: Request, path: str, *, mask: bool) -> Response:
     limit = request.app.state.relay.config.max_upload_bytes
-    spool, form, size = await _spool(request, limit)
-    try:
-        _check(form)
-        if mask:
-            _check_original_ref(form.fields.get("original_ref"))
-    except BadRequest:
-        spool.close()
-        raise
-    return await forward(request, path, content=_stream(spool), length=size)
+    form = _Form()
+    parser = MultipartParser(_multipart(request, limit), form.callbacks())
+    incoming = request.stream().__aiter__()
+    head: list[bytes] = []
+    size = 0
+    ended = False
+    # Read up to the first file's headers: what comes before it is checked before ComfyUI hears of it.
+    while form.first_file is None and not ended:
+        try:
+            chunk = await incoming.__anext__()
+        except StopAsyncIteration:
+            ended = True
+            break
+        size += len(chunk)
+        if size > min(limit, _PREFETCH):
+            if size > limit:
+                raise PayloadTooLarge(f"uploads are limited to {limit} bytes")
+            raise BadRequest("the fields before the file are too large", "invalid_upload")
+        head.append(chunk)
+        _feed(parser, chunk)
+        _check_fields(form, mask=mask)
+    _check_file(form)
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal size
+        for chunk in head:
+            yield chunk
+        async for chunk in incoming:
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"uploads are limited to {limit} bytes")
+            _feed(parser, chunk)
+            _check_fields(form, mask=mask)
+            yield chunk
+        parser.finalize()
+
+    declared = request.headers.get("content-length")
+    length = int(declared) if declared is not None and declared.isdigit() else None
+    return await forward(request, path, content=body(), length=length)
 
 
 def _check_original_ref(raw: str | None) -> None:

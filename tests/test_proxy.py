@@ -232,10 +232,34 @@ async def test_unsafe_uploads_never_reach_comfyui(
         assert response.json()["error"]["type"] == kind
     as_json = await relay_http.post("/upload/image", json={"image": "x"})
     assert as_json.json()["error"]["type"] == "invalid_upload"
-    no_ref = await relay_http.post("/upload/mask", files={"image": ("m.png", PNG, "image/png")})
-    assert no_ref.status_code == 400
+    bad_ref = await relay_http.post(
+        "/upload/mask",
+        data={"original_ref": '{"filename": "../x.png"}'},
+        files={"image": ("m.png", PNG, "image/png")},
+    )
+    assert bad_ref.json()["error"]["type"] == "bad_filename"
     assert reached(emulator, "/upload/image") == []
     assert reached(emulator, "/upload/mask") == []
+
+
+async def test_unsafe_field_after_the_file_aborts_the_upload(
+    relay_http: httpx.AsyncClient, emulator: RunningEmulator
+) -> None:
+    """A browser may send subfolder after the file: the relay stops mid-way and ComfyUI stores nothing."""
+    body = (
+        b'--b\r\nContent-Disposition: form-data; name="image"; filename="late.png"\r\n'
+        + b"Content-Type: image/png\r\n\r\n"
+        + PNG * 200
+        + b'\r\n--b\r\nContent-Disposition: form-data; name="subfolder"\r\n\r\n../../escape\r\n--b--\r\n'
+    )
+    response = await relay_http.post(
+        "/upload/image", content=body, headers={"Content-Type": "multipart/form-data; boundary=b"}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "bad_subfolder"
+    await asyncio.sleep(0.2)
+    assert not any(emulator.state.folders.input.rglob("late*.png"))
+    assert not (emulator.state.folders.input.parent / "escape").exists()
 
 
 async def test_upload_limit(emulator: RunningEmulator) -> None:
@@ -262,4 +286,7 @@ async def test_upload_limit(emulator: RunningEmulator) -> None:
         assert streamed.status_code == 413
         small = await http.post("/upload/image", files={"image": ("small.png", PNG, "image/png")})
         assert small.status_code == 200
-    assert reached(emulator, "/upload/image") == [""]  # only the small one
+    # The declared one never reached ComfyUI; the streamed one was cut off and left nothing behind.
+    assert len(reached(emulator, "/upload/image")) == 2
+    stored = sorted(p.name for p in emulator.state.folders.input.iterdir())
+    assert stored == ["small.png"]

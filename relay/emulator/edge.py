@@ -20,6 +20,7 @@ from collections import deque
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers, MutableHeaders
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from relay.emulator.errors import ServerCrash
@@ -143,7 +144,7 @@ class ServerEdge:
             if not finished:
                 await _drain(receive)
         except Exception as exc:
-            if not isinstance(exc, ServerCrash):
+            if not isinstance(exc, (ServerCrash, ClientDisconnect)):
                 logger.exception("request failed")
             if started:
                 raise
