@@ -32,12 +32,9 @@ import gc
 import json
 import os
 import resource
-import socket
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +43,7 @@ import httpx
 import orjson
 import uvicorn
 import websockets
+from _common import free_port, server_process, wait_until_up
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -256,23 +254,6 @@ def _rss_bytes(pid: int) -> int:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-async def _wait_http(url: str) -> None:
-    async with httpx.AsyncClient() as http, asyncio.timeout(30):
-        while True:
-            try:
-                await http.get(url)
-                return
-            except httpx.TransportError:
-                await asyncio.sleep(0.05)
-
-
 async def _connect(url: str, n: int, *, relay: bool) -> list[Client]:
     clients: list[Client] = []
     for i in range(n):
@@ -305,24 +286,6 @@ def _percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
-
-
-@contextlib.asynccontextmanager
-async def _process(
-    *command: str, env: dict[str, str] | None = None
-) -> AsyncIterator[asyncio.subprocess.Process]:
-    process = await asyncio.create_subprocess_exec(
-        *command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        yield process
-    finally:
-        process.terminate()
-        try:
-            async with asyncio.timeout(15):
-                await process.wait()
-        except TimeoutError:
-            process.kill()
 
 
 async def measure(
@@ -390,7 +353,7 @@ async def measure(
 async def drive(args: argparse.Namespace) -> list[Result]:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    pacer_port, relay_port = _free_port(), _free_port()
+    pacer_port, relay_port = free_port(), free_port()
     pacer_url, relay_url = f"http://127.0.0.1:{pacer_port}", f"http://127.0.0.1:{relay_port}"
     env = {
         **os.environ,
@@ -401,11 +364,11 @@ async def drive(args: argparse.Namespace) -> list[Result]:
     }
     results = []
     async with (
-        _process(sys.executable, __file__, "--pacer", str(pacer_port)) as pacer,
-        _process(sys.executable, "-m", "relay", "serve", env=env) as relay,
+        server_process(sys.executable, __file__, "--pacer", str(pacer_port)) as pacer,
+        server_process(sys.executable, "-m", "relay", "serve", env=env) as relay,
     ):
-        await _wait_http(f"{pacer_url}/queue")
-        await _wait_http(f"{relay_url}/healthz")
+        await wait_until_up(f"{pacer_url}/queue")
+        await wait_until_up(f"{relay_url}/healthz")
         for n in args.subscribers:
             rounds = []
             for number in range(1, args.repeat + 1):

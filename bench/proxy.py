@@ -12,53 +12,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-@contextlib.asynccontextmanager
-async def _process(
-    *command: str, env: dict[str, str] | None = None
-) -> AsyncIterator[asyncio.subprocess.Process]:
-    process = await asyncio.create_subprocess_exec(
-        *command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        yield process
-    finally:
-        process.terminate()
-        try:
-            async with asyncio.timeout(15):
-                await process.wait()
-        except TimeoutError:
-            process.kill()
-
-
-async def _wait(url: str) -> None:
-    async with httpx.AsyncClient() as http, asyncio.timeout(30):
-        while True:
-            try:
-                await http.get(url)
-                return
-            except httpx.TransportError:
-                await asyncio.sleep(0.05)
+from _common import free_port, server_process, wait_until_up
 
 
 async def _download(http: httpx.AsyncClient, base: str, name: str) -> float:
@@ -81,7 +43,7 @@ async def _upload(http: httpx.AsyncClient, base: str, path: Path, size: int, num
 
 
 async def run(args: argparse.Namespace) -> None:
-    comfy_port, relay_port = _free_port(), _free_port()
+    comfy_port, relay_port = free_port(), free_port()
     comfy, relay = f"http://127.0.0.1:{comfy_port}", f"http://127.0.0.1:{relay_port}"
     size = args.megabytes * 1024 * 1024
     with tempfile.TemporaryDirectory() as scratch:
@@ -111,9 +73,12 @@ async def run(args: argparse.Namespace) -> None:
             ),
             *("--max-upload-size", limit_mb, "--log-level", "warning"),
         ]
-        async with _process(*emulator_command), _process(sys.executable, "-m", "relay", "serve", env=env):
-            await _wait(f"{comfy}/queue")
-            await _wait(f"{relay}/healthz")
+        async with (
+            server_process(*emulator_command),
+            server_process(sys.executable, "-m", "relay", "serve", env=env),
+        ):
+            await wait_until_up(f"{comfy}/queue")
+            await wait_until_up(f"{relay}/healthz")
             results: dict[str, list[float]] = {
                 k: [] for k in ("down-direct", "down-relay", "up-direct", "up-relay")
             }
