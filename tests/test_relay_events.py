@@ -87,6 +87,8 @@ async def test_text_to_image_run(relay: RunningRelay, relay_http: httpx.AsyncCli
     assert output["node"] == "9"
     file = output["files"][0]
     assert file["url"] == f"/view?filename={file['filename']}&subfolder=&type=output"
+    saved = await relay_http.get(file["url"])  # the URL in the event works on the relay itself
+    assert (saved.status_code, saved.headers["content-type"]) == (200, "image/png")
     assert (done["status"], done["total"], done["completed"], done["percent"]) == ("success", 7, 7, 100.0)
     assert done["outputs"]["9"] == output["output"]
     assert done["elapsed"] >= elapsed[-1]
