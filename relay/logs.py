@@ -57,3 +57,6 @@ def configure_logging(fmt: str = "console", level: str = "info") -> None:
         uvicorn_logger = logging.getLogger(name)
         uvicorn_logger.handlers[:] = []
         uvicorn_logger.propagate = True
+    # The HTTP client logs every request at INFO: one line per proxied download is noise.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
