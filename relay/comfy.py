@@ -53,6 +53,7 @@ class ComfyClient:
             base_url=config.comfyui_url.rstrip("/"), timeout=timeout, limits=limits, transport=transport
         )
         self._output_classes: frozenset[str] | None = None
+        self._all_classes: frozenset[str] = frozenset()
         self._object_info_lock = asyncio.Lock()
 
     async def aclose(self) -> None:
@@ -137,5 +138,3 @@ class ComfyClient:
                 name for name, spec in info.items() if isinstance(spec, dict) and spec.get("output_node")
             )
             return self._output_classes
-
-    _all_classes: frozenset[str] = frozenset()

@@ -34,10 +34,9 @@ _UPLOAD_TYPES = ("input", "temp", "output")
 
 @dataclass(slots=True)
 class _Form:
-    """What the parser saw: field values, and the file parts by name with their file names."""
+    """What the parser saw: text field values, and the first file part's name and file name."""
 
     fields: dict[str, str] = field(default_factory=dict)
-    files: dict[str, str] = field(default_factory=dict)
     first_file: tuple[str, str] | None = None
     _headers: dict[str, bytes] = field(default_factory=dict)
     _part: dict[str, str] = field(default_factory=dict)
@@ -67,12 +66,8 @@ class _Form:
                 self._data += data[start:end]
 
         def part_end() -> None:
-            disposition = self._part
-            name = disposition.get("name", "")
-            if "filename" in disposition:
-                self.files[name] = disposition["filename"]
-            else:
-                self.fields[name] = self._data.decode("utf-8", errors="replace")
+            if "filename" not in self._part:
+                self.fields[self._part.get("name", "")] = self._data.decode("utf-8", errors="replace")
             self._headers = {}
             self._data = bytearray()
 
