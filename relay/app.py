@@ -38,6 +38,7 @@ from relay.fanout import RAW_SEND, Mode, Outgoing, RawSend, Subscriber
 from relay.plans import build_plan, failed_outputs
 from relay.proxy import proxy_routes
 from relay.sessions import ClientSession, Sessions
+from relay.streaming import StreamingClient
 from relay.uploads import upload_routes
 
 __all__ = ["RelayState", "create_app"]
@@ -58,6 +59,12 @@ class RelayState:
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
         self.comfy = ComfyClient(config)
+        self.streams = StreamingClient(
+            config.comfyui_url,
+            connect_timeout=config.http_connect_timeout,
+            read_timeout=config.http_read_timeout,
+            max_connections=config.http_max_connections,
+        )
         self.sessions = Sessions(config, self.comfy)
         self.closing = False
 
@@ -75,6 +82,7 @@ class RelayState:
         await self.close_clients()
         await self.sessions.close()
         await self.comfy.aclose()
+        await self.streams.aclose()
 
 
 # WebSocket ---------------------------------------------------------------------------------

@@ -359,16 +359,16 @@ RAW_SEND = "relay.raw_send"
 
 
 class RawSend:
-    """Pure ASGI middleware: keeps the server's own ``send`` of each WebSocket in its scope.
+    """Pure ASGI middleware: keeps the server's ``send`` of each connection in its scope.
 
-    Installed outside the framework's exception layer, so the subscribers' writers can hand
-    frames straight to the server.
+    Installed outside the framework's exception layers, so the subscribers' writers can hand
+    WebSocket frames straight to the server, and a streamed download its chunks, once its
+    response has started through the framework (which then knows not to answer with an error).
     """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "websocket":
-            scope[RAW_SEND] = send
+        scope[RAW_SEND] = send
         await self.app(scope, receive, send)

@@ -10,17 +10,22 @@ reach it. Every route is served at its own path and under ``/api``, as ComfyUI d
 
 from __future__ import annotations
 
+import asyncio
 import posixpath
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
 import orjson
+import structlog
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
 
 from relay.errors import BadRequest
+from relay.fanout import RAW_SEND
+from relay.streaming import BodyCutShort, StreamedAnswer
 
 __all__ = ["forward", "proxy_routes", "upstream_safe_name", "upstream_safe_subfolder", "validate_view_query"]
 
@@ -30,8 +35,11 @@ _HOP_BY_HOP = frozenset(
 )  # fmt: skip
 _NOT_FORWARDED = _HOP_BY_HOP | {"host", "origin", "referer", "cookie", "content-length", "x-client-id"}
 _NOT_RETURNED = _HOP_BY_HOP | {"set-cookie", "server", "date"}
+_NOT_RETURNED_RAW = frozenset(name.encode() for name in _NOT_RETURNED)
 _FILE_TYPES = ("output", "input", "temp")
 _ANNOTATIONS = (" [output]", " [input]", " [temp]", "[output]", "[input]", "[temp]")
+
+log = structlog.get_logger("relay.proxy")
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -110,8 +118,54 @@ def validate_view_query(query: Any) -> None:
 
 
 async def view(request: Request) -> Response:
+    """GET/HEAD /view on the download data path (:mod:`relay.streaming`), validated first."""
     validate_view_query(request.query_params)
-    return await forward(request, "/view")
+    streams = request.app.state.relay.streams
+    target = _path_with_query(request, "/view")
+    answer = await streams.open(request.method, target, _upstream_headers(request))
+    return Passthrough(answer)
+
+
+class Passthrough(Response):
+    """ComfyUI's answer sent on as it arrives: each chunk read is one write to the browser.
+
+    A browser that goes away stops the download from ComfyUI too. If ComfyUI's body ends
+    early the response is left incomplete, so the server closes the connection and the
+    browser sees a short download rather than a file that looks whole.
+    """
+
+    def __init__(self, answer: StreamedAnswer) -> None:
+        self.answer = answer
+        self.status_code = answer.status
+        self.raw_headers = [(name, value) for name, value in answer.headers if name not in _NOT_RETURNED_RAW]
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        answer = self.answer
+        try:
+            start = {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            await send(start)
+            # Started: the body goes to the server directly, past the framework's layers.
+            send = scope.get(RAW_SEND, send)
+            gone = asyncio.ensure_future(_disconnected(receive))
+            try:
+                while chunk := await answer.read():
+                    if gone.done():
+                        return
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except BodyCutShort as exc:
+                log.warning("ComfyUI response cut short", path=scope["path"], error=str(exc))
+                return
+            finally:
+                gone.cancel()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            answer.close()
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _json_body(request: Request, *, limit: int = 1024 * 1024) -> bytes:

@@ -169,9 +169,10 @@ async def test_unreachable_and_stalled_comfyui(emulator: RunningEmulator) -> Non
         httpx.AsyncClient(base_url=relay.url, timeout=30) as http,
     ):
         await emulator.stop()
-        down = await http.get("/queue")
-        assert down.status_code == 502
-        assert down.json()["error"]["type"] == "upstream_unavailable"
+        for path in ("/queue", "/view?filename=a.png"):
+            down = await http.get(path)
+            assert down.status_code == 502, path
+            assert down.json()["error"]["type"] == "upstream_unavailable"
         await emulator.start()
 
     silent = socket.socket()
@@ -181,10 +182,11 @@ async def test_unreachable_and_stalled_comfyui(emulator: RunningEmulator) -> Non
     try:
         config = relay_config(emulator, comfyui_url=f"http://127.0.0.1:{port}", http_read_timeout=0.5)
         async with run_relay(config) as stalled, httpx.AsyncClient(base_url=stalled.url, timeout=30) as http:
-            response = await http.get("/system_stats")
-            assert response.status_code == 504
-            assert response.json()["error"]["type"] == "upstream_timeout"
-            assert "Traceback" not in response.text
+            for path in ("/system_stats", "/view?filename=a.png"):
+                response = await http.get(path)
+                assert response.status_code == 504, path
+                assert response.json()["error"]["type"] == "upstream_timeout"
+                assert "Traceback" not in response.text
     finally:
         silent.close()
     await asyncio.sleep(0)
