@@ -154,12 +154,16 @@ async def test_browser_origin_and_cookies_are_not_forwarded(
         "Referer": "http://app.example/page",
         "Cookie": "session=secret",
     }
-    response = await relay_http.get("/object_info/EmptyImage", headers=headers)
-    assert response.status_code == 200
-    _, _, _, seen = next(r for r in reversed(emulator.state.requests) if r[1] == "/object_info/EmptyImage")
-    assert "origin" not in seen
-    assert "referer" not in seen
-    assert "cookie" not in seen
+    (emulator.state.folders.output / "seen.png").write_bytes(b"x" * 10)
+    # One route on the shared httpx client, and /view on the download path.
+    for path, query in (("/object_info/EmptyImage", {}), ("/view", {"filename": "seen.png"})):
+        response = await relay_http.get(path, params=query, headers=headers)
+        assert response.status_code == 200, path
+        _, _, _, seen = next(r for r in reversed(emulator.state.requests) if r[1] == path)
+        assert "origin" not in seen
+        assert "referer" not in seen
+        assert "cookie" not in seen
+        assert seen.get("user-agent")  # other headers do go through
 
 
 async def test_unreachable_and_stalled_comfyui(emulator: RunningEmulator) -> None:
