@@ -11,6 +11,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -35,11 +36,13 @@ from relay.errors import (
     error_response,
 )
 from relay.fanout import RAW_SEND, Mode, Outgoing, RawSend, Subscriber
+from relay.i18n import LANGUAGES, Localized
 from relay.plans import build_plan, failed_outputs
 from relay.proxy import proxy_routes
 from relay.sessions import ClientSession, Sessions
 from relay.streaming import StreamingClient
 from relay.uploads import upload_routes
+from relay.workflows import Library, Workflow, default_folder
 
 __all__ = ["RelayState", "create_app"]
 
@@ -59,6 +62,8 @@ class RelayState:
     def __init__(self, config: RelayConfig) -> None:
         self.config = config
         self.comfy = ComfyClient(config)
+        folder = Path(config.workflows_dir) if config.workflows_dir else default_folder()
+        self.workflows = Library.load(folder)
         self.streams = StreamingClient(
             config.comfyui_url,
             connect_timeout=config.http_connect_timeout,
@@ -88,8 +93,8 @@ class RelayState:
 # WebSocket ---------------------------------------------------------------------------------
 
 
-def _socket_params(websocket: WebSocket) -> tuple[str | None, Mode, int | None, str | None]:
-    """clientId, events, since and epoch from the query string.
+def _socket_params(websocket: WebSocket) -> tuple[str | None, Mode, int | None, str | None, str | None]:
+    """clientId, events, since, epoch and lang from the query string.
 
     Raises:
         BadRequest: a parameter is malformed.
@@ -111,15 +116,18 @@ def _socket_params(websocket: WebSocket) -> tuple[str | None, Mode, int | None, 
             ) from None
         if since < 0:
             raise BadRequest("since must not be negative", "bad_since")
+    lang = query.get("lang")
+    if lang is not None and lang not in LANGUAGES:
+        raise BadRequest(f"lang must be one of {', '.join(LANGUAGES)}", "bad_lang")
     mode: Mode = "relay" if events == "relay" else "comfy" if events == "comfy" else "all"
-    return client_id, mode, since, query.get("epoch")
+    return client_id, mode, since, query.get("epoch"), lang
 
 
 async def relay_socket(websocket: WebSocket) -> None:
     state: RelayState = websocket.app.state.relay
     config = state.config
     try:
-        client_id, mode, since, epoch = _socket_params(websocket)
+        client_id, mode, since, epoch, lang = _socket_params(websocket)
     except BadRequest as problem:
         await websocket.accept()
         error = {"type": "relay.error", "code": problem.kind, "message": problem.message}
@@ -134,7 +142,7 @@ async def relay_socket(websocket: WebSocket) -> None:
     client_id = client_id or uuid.uuid4().hex
     session = state.sessions.get(client_id)
     subscriber = Subscriber(
-        websocket, mode=mode, limit=config.subscriber_queue, send=websocket.scope.get(RAW_SEND)
+        websocket, mode=mode, limit=config.subscriber_queue, send=websocket.scope.get(RAW_SEND), lang=lang
     )
     session.upstream.start()
     _greet(session, subscriber, since=since, epoch=epoch, assigned=assigned)
@@ -142,7 +150,7 @@ async def relay_socket(websocket: WebSocket) -> None:
     # leaves neither a gap nor a duplicate between replayed and live events.
     session.add(subscriber)
     subscriber.start()
-    log.info("client connected", client_id=client_id, events=mode, since=since)
+    log.info("client connected", client_id=client_id, events=mode, since=since, lang=lang)
     try:
         await _read_client(session, subscriber)
     finally:
@@ -155,7 +163,8 @@ def _greet(
     session: ClientSession, subscriber: Subscriber, *, since: int | None, epoch: str | None, assigned: bool
 ) -> None:
     channel = session.channel
-    replay = channel.since(since) if since is not None and epoch in (None, channel.epoch) else None
+    lang = subscriber.lang
+    replay = channel.since(since, lang) if since is not None and epoch in (None, channel.epoch) else None
     resumed = replay is not None
     if subscriber.wants_relay:
         upstream = session.upstream.state
@@ -168,13 +177,13 @@ def _greet(
             "assigned": assigned,
             "missed": len(replay) if replay is not None else None,
         }
-        subscriber.offer(Outgoing(channel.stamp(hello)))
+        subscriber.offer(Outgoing(channel.stamp(hello, lang=lang)))
         if replay is not None:
             for payload in replay:
                 subscriber.offer(Outgoing(payload))
         else:
             for snapshot in session.snapshots():
-                subscriber.offer(Outgoing(channel.stamp(snapshot)))
+                subscriber.offer(Outgoing(channel.stamp(snapshot, lang=lang)))
     if subscriber.wants_comfy:
         remaining = session.translator.queue_remaining or 0
         status = {
@@ -254,22 +263,63 @@ def _client_id_of(request: Request, body: dict[str, Any]) -> str:
     return uuid.uuid4().hex
 
 
-async def post_prompt(request: Request) -> Response:
-    state: RelayState = request.app.state.relay
-    raw = await _read_body(request, state.config.max_prompt_bytes)
+async def _json_object(request: Request, limit: int) -> dict[str, Any]:
+    raw = await _read_body(request, limit)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise BadRequest("the body is not valid JSON", "invalid_json") from None
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object", "invalid_body")
+    return body
+
+
+async def post_prompt(request: Request) -> Response:
+    state: RelayState = request.app.state.relay
+    body = await _json_object(request, state.config.max_prompt_bytes)
     if "prompt" not in body:
         raise BadRequest("no prompt: the body needs a 'prompt' object (an API-format graph)", "no_prompt")
     graph = body["prompt"]
     if not isinstance(graph, dict) or not all(isinstance(node, dict) for node in graph.values()):
         raise BadRequest("'prompt' must be an object of nodes (an API-format graph)", "invalid_prompt")
+    workflow = state.workflows.recognise(graph, body.get("extra_data"))
+    return await _submit(request, body, graph, workflow)
+
+
+async def post_workflow_prompt(request: Request) -> Response:
+    """Fill a workflow's template with ``params`` and submit it as POST /prompt does."""
+    state: RelayState = request.app.state.relay
+    name = request.path_params["name"]
+    workflow = state.workflows.get(name)
+    if workflow is None:
+        return _json({"error": {"type": "not_found", "message": f"no workflow named {name!r}"}}, 404)
+    body = await _json_object(request, state.config.max_prompt_bytes)
+    params = body.pop("params", {})
+    if not isinstance(params, dict):
+        raise BadRequest("'params' must be an object of parameter values", "bad_parameter")
+    if "prompt" in body:
+        raise BadRequest("the workflow is the graph: send 'params', not 'prompt'", "invalid_body")
+    graph = workflow.fill(params)
+    extra = body.get("extra_data")
+    body["extra_data"] = {**(extra if isinstance(extra, dict) else {}), "workflow": workflow.name}
+    body["prompt"] = graph
+    return await _submit(request, body, graph, workflow)
+
+
+def _step_names(workflow: Workflow | None, language: str) -> dict[str, Localized] | None:
+    if workflow is None:
+        return None
+    return {node: Localized(texts, language) for node, texts in workflow.steps.items()}
+
+
+async def _submit(
+    request: Request, body: dict[str, Any], graph: dict[str, Any], workflow: Workflow | None
+) -> Response:
+    state: RelayState = request.app.state.relay
     client_id = _client_id_of(request, body)
     prompt_id = str(body.get("prompt_id") or uuid.uuid4())
+    names = _step_names(workflow, state.config.language)
+    workflow_name = workflow.name if workflow is not None else None
     session = state.sessions.get(client_id)
     session.registering += 1
     try:
@@ -277,7 +327,7 @@ async def post_prompt(request: Request) -> Response:
         classes = {str(node.get("class_type")) for node in graph.values()}
         output_classes = await state.comfy.output_classes(classes)
         targets = body.get("partial_execution_targets")
-        plan = build_plan(graph, output_classes, targets=targets)
+        plan = build_plan(graph, output_classes, targets=targets, names=names, workflow=workflow_name)
         session.translator.register(prompt_id, plan, time.monotonic())
         forward = {**body, "client_id": client_id, "prompt_id": prompt_id}
         try:
@@ -291,11 +341,32 @@ async def post_prompt(request: Request) -> Response:
         accepted = answer.json()
         skip = failed_outputs(accepted.get("node_errors"))
         if skip:
-            plan = build_plan(graph, output_classes, targets=targets, skip_outputs=skip)
+            plan = build_plan(
+                graph, output_classes, targets=targets, skip_outputs=skip, names=names, workflow=workflow_name
+            )
         session.publish(session.translator.accept(prompt_id, accepted.get("number"), time.monotonic(), plan))
-        return _json({**accepted, "client_id": client_id})
+        answer_body = {**accepted, "client_id": client_id}
+        if workflow_name is not None:
+            answer_body["workflow"] = workflow_name
+        return _json(answer_body)
     finally:
         session.registering -= 1
+
+
+async def list_workflows(request: Request) -> Response:
+    state: RelayState = request.app.state.relay
+    return _json(
+        {"language": state.config.language, "workflows": [workflow.public() for workflow in state.workflows]}
+    )
+
+
+async def get_workflow(request: Request) -> Response:
+    state: RelayState = request.app.state.relay
+    workflow = state.workflows.get(request.path_params["name"])
+    if workflow is None:
+        name = request.path_params["name"]
+        return _json({"error": {"type": "not_found", "message": f"no workflow named {name!r}"}}, 404)
+    return _json({**workflow.public(), "graph": workflow.graph})
 
 
 async def get_preview(request: Request) -> Response:
@@ -340,6 +411,9 @@ def routes() -> list[BaseRoute]:
         WebSocketRoute("/api/ws", relay_socket),
         Route("/prompt", post_prompt, methods=["POST"]),
         Route("/api/prompt", post_prompt, methods=["POST"]),
+        Route("/workflows", list_workflows, methods=["GET"]),
+        Route("/workflows/{name}", get_workflow, methods=["GET"]),
+        Route("/workflows/{name}/prompt", post_workflow_prompt, methods=["POST"]),
         Route("/previews/{client_id}/{prompt_id}/{node}", get_preview, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         *proxy_routes(),

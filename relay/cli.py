@@ -20,6 +20,7 @@ from relay.emulator.harness import uvicorn_config
 from relay.logs import configure_logging
 from relay.server import RelayServer, run_relay, tune_gc
 from relay.server import uvicorn_config as relay_uvicorn_config
+from relay.workflows import WorkflowError
 
 __all__ = ["main"]
 
@@ -136,7 +137,11 @@ def _run_relay(args: argparse.Namespace) -> int:
         return 2
     configure_logging(config.log_format, config.log_level)
     tune_gc()
-    app = create_relay_app(config)
+    try:
+        app = create_relay_app(config)
+    except WorkflowError as exc:
+        print(f"comfy-relay serve: workflow file: {exc}", file=sys.stderr)
+        return 2
     with contextlib.suppress(KeyboardInterrupt):
         RelayServer(relay_uvicorn_config(app, config)).run()
     return 0

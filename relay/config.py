@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
+from relay.i18n import LANGUAGES
+
 __all__ = ["DESCRIPTIONS", "ENV_NAMES", "ConfigError", "RelayConfig"]
 
 LogFormat = Literal["console", "json"]
@@ -56,6 +58,10 @@ class RelayConfig:
     preview_slots: int = 16
     # Public path prefix under which file URLs in events are served.
     public_prefix: str = ""
+    # Workflows: the folder of workflow files ("" for the project's workflows/), and the
+    # language of step names (a tab may ask for another with ?lang=).
+    workflows_dir: str = ""
+    language: str = "ko"
 
     def __post_init__(self) -> None:
         if not self.comfyui_url.startswith(("http://", "https://")):
@@ -65,6 +71,8 @@ class RelayConfig:
         for name in ("upstream_grace", "reconnect_initial", "reconnect_max", "upstream_connect_timeout"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
+        if self.language not in LANGUAGES:
+            raise ConfigError(f"RELAY_LANGUAGE must be one of {', '.join(LANGUAGES)}, not {self.language!r}")
         if self.ring_size < 1 or self.subscriber_queue < 8:
             raise ConfigError("ring_size must be at least 1 and subscriber_queue at least 8")
 
@@ -123,6 +131,8 @@ DESCRIPTIONS: dict[str, str] = {
     "ws_ping_interval": "seconds between keepalive pings to browser sockets (0: none)",
     "preview_slots": "live preview images kept per client",
     "public_prefix": "path prefix of the relay's own URLs in events (behind a path-routing ingress)",
+    "workflows_dir": "folder of workflow files (default: the project's workflows/)",
+    "language": "language of step names: ko or en (a tab may ask for another with ?lang=)",
 }
 
 ENV_NAMES: dict[str, str] = {
@@ -148,4 +158,6 @@ ENV_NAMES: dict[str, str] = {
     "ws_ping_interval": "RELAY_WS_PING_INTERVAL",
     "preview_slots": "RELAY_PREVIEW_SLOTS",
     "public_prefix": "RELAY_PUBLIC_PREFIX",
+    "workflows_dir": "RELAY_WORKFLOWS_DIR",
+    "language": "RELAY_LANGUAGE",
 }

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketState
 
 from relay.errors import CLOSE_TOO_SLOW
+from relay.i18n import picker
 
 __all__ = ["RAW_SEND", "Channel", "Mode", "Outgoing", "RawSend", "Subscriber", "coalesce_key", "send_message"]
 
@@ -84,8 +85,11 @@ class Subscriber:
         send: Send | None = None,
         byte_limit: int = 64 * 1024 * 1024,
         legacy_previews: bool = True,
+        lang: str | None = None,
     ) -> None:
         self.websocket = websocket
+        # Language of step names for this tab (None: the relay's configured one).
+        self.lang = lang
         # The server's own ASGI send when available: frames skip the framework's per-message
         # state checks, which the hot path does not need once the socket is accepted.
         self._send: Send = send or websocket.send
@@ -296,38 +300,83 @@ class Subscriber:
 
 
 class Channel:
-    """A client's event stream: sequence numbers, the resume ring, and its subscribers."""
+    """A client's event stream: sequence numbers, the resume ring, and its subscribers.
 
-    def __init__(self, client_id: str, *, ring_size: int, clock: Callable[[], float] = time.time) -> None:
+    Events are serialized in the channel's ``language``; an event holding :class:`Localized`
+    texts is serialized again for each other language its subscribers asked for.
+    """
+
+    def __init__(
+        self,
+        client_id: str,
+        *,
+        ring_size: int,
+        clock: Callable[[], float] = time.time,
+        language: str = "en",
+    ) -> None:
         self.client_id = client_id
+        self.language = language
         self.seq = 0
         # Identifies this stream: a relay restart starts a new one, whose seq restart at 1.
         self.epoch = secrets.token_hex(4)
-        self._ring: deque[tuple[int, str]] = deque(maxlen=ring_size)
+        # (seq, payload in the channel's language, the envelope when it has texts to localize)
+        self._ring: deque[tuple[int, str, dict[str, Any] | None]] = deque(maxlen=ring_size)
         self._clock = clock
         self.subscribers: set[Subscriber] = set()
+        # Subscribers with a language of their own: the only reason to serialize twice.
+        self._other_languages = 0
 
-    def stamp(self, event: dict[str, Any], *, seq: int | None = None) -> str:
-        """Serialize an event with its envelope; stream events take the next seq."""
-        envelope = {
-            "type": event["type"],
-            "seq": self.seq if seq is None else seq,
-            "ts": round(self._clock(), 3),
-            "client_id": self.client_id,
-        }
+    def add(self, subscriber: Subscriber) -> None:
+        self.subscribers.add(subscriber)
+        if self._foreign(subscriber):
+            self._other_languages += 1
+
+    def discard(self, subscriber: Subscriber) -> None:
+        if subscriber in self.subscribers:
+            self.subscribers.discard(subscriber)
+            if self._foreign(subscriber):
+                self._other_languages -= 1
+
+    def _foreign(self, subscriber: Subscriber) -> bool:
+        return subscriber.lang is not None and subscriber.lang != self.language
+
+    def _envelope(self, event: dict[str, Any], seq: int) -> dict[str, Any]:
+        envelope = {"type": event["type"], "seq": seq, "ts": round(self._clock(), 3)}
+        envelope["client_id"] = self.client_id
         envelope.update((k, v) for k, v in event.items() if k != "type")
-        return orjson.dumps(envelope).decode()
+        return envelope
+
+    def stamp(self, event: dict[str, Any], *, seq: int | None = None, lang: str | None = None) -> str:
+        """Serialize an event with its envelope (in ``lang``, else the channel's language)."""
+        envelope = self._envelope(event, self.seq if seq is None else seq)
+        return orjson.dumps(envelope, default=picker(lang or self.language)).decode()
 
     def publish(self, event: dict[str, Any]) -> None:
         """Sequence, serialize once, remember for resuming, offer to every relay subscriber."""
         self.seq += 1
-        payload = self.stamp(event, seq=self.seq)
-        self._ring.append((self.seq, payload))
+        envelope = self._envelope(event, self.seq)
+        localized = [False]
+        payload = orjson.dumps(envelope, default=picker(self.language, localized)).decode()
+        self._ring.append((self.seq, payload, envelope if localized[0] else None))
         key = coalesce_key(event)
         message, size = send_message(payload), len(payload)
+        if localized[0] and self._other_languages:
+            self._publish_localized(envelope, key, (message, size))
+            return
         for subscriber in self.subscribers:
             if subscriber.wants_relay:
                 subscriber.deliver(message, key, size)
+
+    def _publish_localized(self, envelope: dict[str, Any], key: Key | None, own: tuple[Message, int]) -> None:
+        variants: dict[str | None, tuple[Message, int]] = {None: own, self.language: own}
+        for subscriber in self.subscribers:
+            if not subscriber.wants_relay:
+                continue
+            variant = variants.get(subscriber.lang)
+            if variant is None:
+                text = orjson.dumps(envelope, default=picker(subscriber.lang)).decode()
+                variant = variants[subscriber.lang] = (send_message(text), len(text))
+            subscriber.deliver(variant[0], key, variant[1])
 
     def publish_raw(
         self, payload: str | bytes, *, key: Key | None = None, legacy: bytes | None = None
@@ -344,15 +393,21 @@ class Channel:
                 message, size = old if subscriber.legacy_previews else modern
                 subscriber.deliver(message, key, size)
 
-    def since(self, seq: int) -> list[str] | None:
-        """Events after ``seq`` still in the ring; None when the ring no longer covers the gap."""
+    def since(self, seq: int, lang: str | None = None) -> list[str] | None:
+        """Events after ``seq`` still in the ring, in ``lang``; None when the ring lost some of them."""
         if seq > self.seq:
             return None
         if seq == self.seq:
             return []
         if not self._ring or self._ring[0][0] > seq + 1:
             return None
-        return [payload for number, payload in self._ring if number > seq]
+        foreign = lang is not None and lang != self.language
+        write = picker(lang)
+        return [
+            orjson.dumps(envelope, default=write).decode() if foreign and envelope is not None else payload
+            for number, payload, envelope in self._ring
+            if number > seq
+        ]
 
 
 RAW_SEND = "relay.raw_send"

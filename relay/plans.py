@@ -11,12 +11,13 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from relay.graph import expected_order, upstream_of
+from relay.i18n import Text
 from relay.translator import Plan, StepSpec, humanize
 
 __all__ = ["build_plan", "failed_outputs", "output_nodes", "step_name"]
 
 
-def step_name(node: Mapping[str, Any], names: Mapping[str, str] | None = None, node_id: str = "") -> str:
+def step_name(node: Mapping[str, Any], names: Mapping[str, Text] | None = None, node_id: str = "") -> Text:
     """A step's display name: the workflow's name for it, else the graph's title, else its class."""
     if names and node_id in names:
         return names[node_id]
@@ -56,7 +57,7 @@ def build_plan(
     *,
     targets: Any = None,
     skip_outputs: Collection[str] = (),
-    names: Mapping[str, str] | None = None,
+    names: Mapping[str, Text] | None = None,
     workflow: str | None = None,
 ) -> Plan:
     """The expected steps of a graph, in the order ComfyUI will run them."""

@@ -39,7 +39,7 @@ class ClientSession:
         self.client_id = client_id
         self.config = config
         self.comfy = comfy
-        self.channel = Channel(client_id, ring_size=config.ring_size)
+        self.channel = Channel(client_id, ring_size=config.ring_size, language=config.language)
         self.previews = PreviewStore(client_id, slots=config.preview_slots, prefix=config.public_prefix)
         self.translator = Translator(file_url=self._file_url)
         self.upstream = Upstream(client_id, self, config)
@@ -66,12 +66,12 @@ class ClientSession:
             )
 
     def add(self, subscriber: Subscriber) -> None:
-        self.channel.subscribers.add(subscriber)
+        self.channel.add(subscriber)
         self.idle_since = None
         self.upstream.start()
 
     def remove(self, subscriber: Subscriber) -> None:
-        self.channel.subscribers.discard(subscriber)
+        self.channel.discard(subscriber)
 
     # Publishing -------------------------------------------------------------------------
 

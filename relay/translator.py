@@ -25,6 +25,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from relay.i18n import Text
+
 __all__ = ["Plan", "StepSpec", "Translator", "humanize"]
 
 Event = dict[str, Any]
@@ -47,7 +49,7 @@ def humanize(class_type: str) -> str:
 class StepSpec:
     node: str
     class_type: str
-    name: str
+    name: Text  # a workflow's names are Localized: written in each tab's language
 
 
 @dataclass(frozen=True, slots=True)

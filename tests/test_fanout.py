@@ -34,7 +34,7 @@ class FakeSocket:
 def subscribe(channel: Channel, limit: int) -> tuple[Subscriber, FakeSocket]:
     socket = FakeSocket()
     subscriber = Subscriber(cast(WebSocket, socket), mode="relay", limit=limit)
-    channel.subscribers.add(subscriber)
+    channel.add(subscriber)
     subscriber.start()
     return subscriber, socket
 

@@ -295,4 +295,4 @@ async def test_upload_limit(emulator: RunningEmulator) -> None:
     # The declared one never reached ComfyUI; the streamed one was cut off and left nothing behind.
     assert len(reached(emulator, "/upload/image")) == 2
     stored = sorted(p.name for p in emulator.state.folders.input.iterdir())
-    assert stored == ["small.png"]
+    assert stored == ["example.png", "small.png"]  # example.png: shipped in the input folder

@@ -16,7 +16,7 @@ from relay.emulator import RunningEmulator
 from relay.errors import CLOSE_GOING_AWAY
 from tests.relay_client import open_tab
 from tests.test_emulator_cli import free_port
-from tests.test_relay_events import TEXT2IMG, TEXT2IMG_ORDER
+from tests.test_relay_events import TEXT2IMG, TEXT2IMG_NAMES, TEXT2IMG_ORDER
 
 
 def test_help_documents_every_setting() -> None:
@@ -74,7 +74,7 @@ async def test_serve_logs_steps_as_json_and_stops_on_sigterm(emulator: RunningEm
     lines = [json.loads(line) for line in stderr.decode().splitlines() if line.strip()]
     steps = [line for line in lines if line["event"].startswith("[")]
     assert [line["node"] for line in steps] == TEXT2IMG_ORDER
-    assert steps[4]["event"].startswith("[5/7] KSampler (elapsed ")
+    assert steps[4]["event"].startswith(f"[5/7] {TEXT2IMG_NAMES['3']['ko']} (elapsed ")
     assert all(line["client_id"] == "operator" and line["prompt_id"] == prompt_id for line in steps)
     assert all({"timestamp", "level", "logger"} <= set(line) for line in lines)
     ended = next(line for line in lines if line["event"] == "prompt ended")

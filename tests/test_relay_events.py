@@ -10,6 +10,7 @@ import asyncio
 import copy
 import json
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,6 +25,8 @@ from tests.tracekit import load_trace
 TEXT2IMG = json.loads(resources.files("relay.emulator").joinpath("examples/text2img.json").read_text())
 # What ComfyUI runs, in order, for the text-to-image graph: loaders, encoders, sampler, decode, save.
 TEXT2IMG_ORDER = ["4", "5", "7", "6", "3", "8", "9"]
+# The example graph has the nodes of workflows/text2img.json, so the relay names its steps from there.
+TEXT2IMG_NAMES = json.loads((Path(__file__).parents[1] / "workflows" / "text2img.json").read_text())["steps"]
 
 
 async def submit(http: httpx.AsyncClient, graph: dict[str, Any], client_id: str, **extra: Any) -> str:
@@ -52,7 +55,8 @@ async def test_text_to_image_run(relay: RunningRelay, relay_http: httpx.AsyncCli
     queued = tab.of("relay.queued", prompt_id)[0]
     assert queued["total"] == 7
     assert [s["node"] for s in queued["steps"]] == TEXT2IMG_ORDER
-    assert queued["steps"][4] == {"node": "3", "class_type": "KSampler", "name": "KSampler"}
+    assert queued["workflow"] == "text2img"
+    assert queued["steps"][4] == {"node": "3", "class_type": "KSampler", "name": TEXT2IMG_NAMES["3"]["ko"]}
     started = tab.of("relay.started", prompt_id)[0]
     assert (started["total"], started["cached"], started["completed"]) == (7, [], 0)
     assert started["queued_for"] >= 0
@@ -64,7 +68,7 @@ async def test_text_to_image_run(relay: RunningRelay, relay_http: httpx.AsyncCli
     ]
     assert [e["node"] for e in finished] == TEXT2IMG_ORDER
     assert all(e["duration"] >= 0 for e in finished)
-    assert [e["name"] for e in running][:2] == ["Checkpoint Loader Simple", "Empty Latent Image"]
+    assert [e["name"] for e in running] == [TEXT2IMG_NAMES[node]["ko"] for node in TEXT2IMG_ORDER]
 
     progress = tab.of("relay.progress", prompt_id)
     assert [(p["value"], p["max"], p["node"], p["index"]) for p in progress] == [

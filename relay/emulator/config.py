@@ -27,7 +27,11 @@ DEFAULT_MODELS: dict[str, tuple[str, ...]] = {
     "embeddings": (),
     "diffusers": (),
     "vae_approx": (),
-    "controlnet": ("control_v11p_sd15_canny.pth", "controlnet-union-sdxl-1.0.safetensors"),
+    "controlnet": (
+        "control_v11p_sd15_canny.pth",
+        "controlnet-union-sdxl-1.0.safetensors",
+        "FLUX.1-dev-ControlNet-Union-Pro.safetensors",
+    ),
     "gligen": (),
     "upscale_models": ("RealESRGAN_x4plus.pth",),
     "custom_nodes": (),
@@ -36,6 +40,15 @@ DEFAULT_MODELS: dict[str, tuple[str, ...]] = {
     "classifiers": (),
     "model_patches": (),
     "audio_encoders": (),
+    # Folders of the node packs the pipelines in workflows/ use.
+    "gguf": ("flux1-dev-Q8_0.gguf", "flux1-schnell-Q4_K_S.gguf"),
+    "ultralytics": (
+        "bbox/face_yolov8m.pt",
+        "bbox/hand_yolov8s.pt",
+        "bbox/product_yolov8s.pt",
+        "segm/person_yolov8m-seg.pt",
+    ),
+    "animatediff_models": ("mm_sd_v15_v2.ckpt", "v3_sd15_mm.ckpt"),
 }
 
 

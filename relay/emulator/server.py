@@ -33,6 +33,7 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from relay.emulator import images
 from relay.emulator.cache import ResultCache
 from relay.emulator.config import EmulatorConfig
 from relay.emulator.edge import RequestLog, ServerEdge
@@ -138,6 +139,11 @@ class EmulatorState:
 
     async def start(self) -> None:
         self.folders.create()
+        # ComfyUI ships an example.png in its input folder; graphs and demos may rely on it.
+        example = self.folders.input / "example.png"
+        if not example.exists():
+            picture = images.generated_art(768, 1024, 7, "example portrait")
+            example.write_bytes(images.encode(picture, "PNG"))
         # The server empties its temp folder when it starts.
         for entry in self.folders.temp.iterdir():
             if entry.is_dir():

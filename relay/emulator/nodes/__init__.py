@@ -15,6 +15,7 @@ from relay.emulator.nodes.base import (
 )
 from relay.emulator.nodes.diffusion import DIFFUSION_NODES
 from relay.emulator.nodes.imaging import IMAGING_NODES
+from relay.emulator.nodes.pipelines import PIPELINE_NODES
 from relay.emulator.nodes.probe import PROBE_NODES
 
 __all__ = [
@@ -36,5 +37,5 @@ __all__ = [
 def default_catalogue() -> Catalogue:
     """Every node type the emulator ships with."""
     catalogue = Catalogue()
-    catalogue.register(*IMAGING_NODES, *DIFFUSION_NODES, *PROBE_NODES)
+    catalogue.register(*IMAGING_NODES, *DIFFUSION_NODES, *PIPELINE_NODES, *PROBE_NODES)
     return catalogue

@@ -203,9 +203,19 @@ class KSampler(Node):
             finals = [
                 images.blend(src, art, denoise) for src, art in zip(latent.images, finals, strict=False)
             ] or finals
+        if latent.images is not None and latent.mask is not None:
+            # Only the masked area is regenerated; the rest keeps the source picture.
+            mask = latent.mask.convert("L").resize((width, height))
+            finals = [
+                Image.composite(art, src.convert("RGB").resize((width, height)), mask)
+                for src, art in zip(latent.images, finals, strict=False)
+            ] or finals
         preview_target = ImageOps.contain(finals[0], (PREVIEW_SIZE, PREVIEW_SIZE))
         start = images.noise(preview_target.width, preview_target.height, seed)
-        step_seconds = seconds_for(self.step_base, self.step_per_megapixel, width, height)
+        # A batch (video frames) costs more per step, though less than one picture each.
+        step_seconds = seconds_for(self.step_base, self.step_per_megapixel, width, height) * (
+            1 + 0.25 * (latent.batch - 1)
+        )
         for step in range(1, steps + 1):
             await ctx.work(step_seconds)
             frame = images.blend(start, preview_target, step / steps)
