@@ -361,6 +361,7 @@ async def drive(args: argparse.Namespace) -> list[Result]:
         "RELAY_PORT": str(relay_port),
         "RELAY_LOG_LEVEL": "warning",
         "RELAY_UPSTREAM_GRACE": "300",
+        "RELAY_ETA_FILE": "",
     }
     results = []
     async with (

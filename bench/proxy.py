@@ -59,6 +59,7 @@ async def run(args: argparse.Namespace) -> None:
             "RELAY_PORT": str(relay_port),
             "RELAY_LOG_LEVEL": "warning",
             "RELAY_MAX_UPLOAD_BYTES": str(int(limit_mb) * 1024 * 1024),
+            "RELAY_ETA_FILE": "",
         }
         emulator_command = [
             *(

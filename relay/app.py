@@ -35,6 +35,7 @@ from relay.errors import (
     RelayError,
     error_response,
 )
+from relay.eta import Durations, default_file
 from relay.fanout import RAW_SEND, Mode, Outgoing, RawSend, Subscriber
 from relay.i18n import LANGUAGES, Localized
 from relay.plans import build_plan, failed_outputs
@@ -70,7 +71,15 @@ class RelayState:
             read_timeout=config.http_read_timeout,
             max_connections=config.http_max_connections,
         )
-        self.sessions = Sessions(config, self.comfy)
+        eta_file = (
+            default_file()
+            if config.eta_file == "default"
+            else Path(config.eta_file)
+            if config.eta_file
+            else None
+        )
+        self.durations = Durations(eta_file)
+        self.sessions = Sessions(config, self.comfy, self.durations)
         self.closing = False
 
     async def start(self) -> None:
@@ -87,6 +96,7 @@ class RelayState:
         await self.close_clients()
         await self.sessions.close()
         await self.comfy.aclose()
+        self.durations.save()
         await self.streams.aclose()
 
 

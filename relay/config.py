@@ -62,6 +62,9 @@ class RelayConfig:
     # language of step names (a tab may ask for another with ?lang=).
     workflows_dir: str = ""
     language: str = "ko"
+    # Where learned step durations (for eta) are kept: "default" for the user's state folder
+    # (~/.local/state/comfy-relay/durations.json), "" to keep them in memory only.
+    eta_file: str = "default"
 
     def __post_init__(self) -> None:
         if not self.comfyui_url.startswith(("http://", "https://")):
@@ -133,6 +136,7 @@ DESCRIPTIONS: dict[str, str] = {
     "public_prefix": "path prefix of the relay's own URLs in events (behind a path-routing ingress)",
     "workflows_dir": "folder of workflow files (default: the project's workflows/)",
     "language": "language of step names: ko or en (a tab may ask for another with ?lang=)",
+    "eta_file": "file keeping learned step durations ('default': the user's state folder; '': none)",
 }
 
 ENV_NAMES: dict[str, str] = {
@@ -160,4 +164,5 @@ ENV_NAMES: dict[str, str] = {
     "public_prefix": "RELAY_PUBLIC_PREFIX",
     "workflows_dir": "RELAY_WORKFLOWS_DIR",
     "language": "RELAY_LANGUAGE",
+    "eta_file": "RELAY_ETA_FILE",
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
+from relay.eta import graph_key
 from relay.graph import expected_order, upstream_of
 from relay.i18n import Text
 from relay.translator import Plan, StepSpec, humanize
@@ -77,11 +78,14 @@ def build_plan(
         node = graph[node_id] if isinstance(graph.get(node_id), dict) else {}
         class_type = node.get("class_type")
         kind = class_type if isinstance(class_type, str) else "unknown"
-        return StepSpec(node_id, kind, step_name(node, names, node_id))
+        inputs = node.get("inputs")
+        iterations = inputs.get("steps") if isinstance(inputs, dict) else None
+        expected = iterations if isinstance(iterations, int) and not isinstance(iterations, bool) else None
+        return StepSpec(node_id, kind, step_name(node, names, node_id), expected)
 
     steps = tuple(spec(node_id) for node_id in order)
     others = {node_id: spec(node_id) for node_id in graph if node_id not in considered}
-    return Plan(steps, others, workflow)
+    return Plan(steps, others, workflow, workflow or graph_key(graph))
 
 
 def _id_key(node_id: str) -> tuple[int, int, str]:

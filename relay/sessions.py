@@ -20,6 +20,7 @@ import structlog
 from relay.comfy import ComfyClient
 from relay.config import RelayConfig
 from relay.errors import RelayError, UpstreamUnavailable
+from relay.eta import Durations
 from relay.fanout import Channel, Subscriber
 from relay.previews import PreviewStore
 from relay.protocol import BinaryEvent, ImageFormat, ProtocolError, decode_binary_frame, encode_preview
@@ -35,13 +36,16 @@ SESSION_TTL = 600.0
 
 
 class ClientSession:
-    def __init__(self, client_id: str, config: RelayConfig, comfy: ComfyClient) -> None:
+    def __init__(
+        self, client_id: str, config: RelayConfig, comfy: ComfyClient, durations: Durations | None = None
+    ) -> None:
         self.client_id = client_id
         self.config = config
         self.comfy = comfy
         self.channel = Channel(client_id, ring_size=config.ring_size, language=config.language)
         self.previews = PreviewStore(client_id, slots=config.preview_slots, prefix=config.public_prefix)
-        self.translator = Translator(file_url=self._file_url)
+        self.durations = durations
+        self.translator = Translator(file_url=self._file_url, durations=durations)
         self.upstream = Upstream(client_id, self, config)
         self.log = log.bind(client_id=client_id)
         # POSTs between registering a prompt and ComfyUI's answer keep the upstream open.
@@ -79,6 +83,8 @@ class ClientSession:
         for event in events:
             self.channel.publish(event)
             self._log(event)
+            if event["type"] == "relay.done" and self.durations is not None:
+                self.durations.save()  # what this run taught, kept across restarts
 
     def _log(self, event: dict[str, Any]) -> None:
         kind = event["type"]
@@ -236,16 +242,19 @@ class ClientSession:
 class Sessions:
     """Every client's session, and the reaper that closes idle upstream sockets."""
 
-    def __init__(self, config: RelayConfig, comfy: ComfyClient) -> None:
+    def __init__(self, config: RelayConfig, comfy: ComfyClient, durations: Durations | None = None) -> None:
         self.config = config
         self.comfy = comfy
+        self.durations = durations
         self._sessions: dict[str, ClientSession] = {}
         self._reaper: asyncio.Task[None] | None = None
 
     def get(self, client_id: str) -> ClientSession:
         session = self._sessions.get(client_id)
         if session is None:
-            session = self._sessions[client_id] = ClientSession(client_id, self.config, self.comfy)
+            session = self._sessions[client_id] = ClientSession(
+                client_id, self.config, self.comfy, self.durations
+            )
         return session
 
     def find(self, client_id: str) -> ClientSession | None:

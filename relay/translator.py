@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from relay.eta import Durations
 from relay.i18n import Text
 
 __all__ = ["Plan", "StepSpec", "Translator", "humanize"]
@@ -50,6 +51,7 @@ class StepSpec:
     node: str
     class_type: str
     name: Text  # a workflow's names are Localized: written in each tab's language
+    iterations: int | None = None  # progress steps expected (a sampler's ``steps`` input)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +61,8 @@ class Plan:
     steps: tuple[StepSpec, ...]
     others: Mapping[str, StepSpec] = field(default_factory=dict)
     workflow: str | None = None
+    # Under which the relay learns its step durations (the workflow, or the graph's nodes).
+    timing_key: str | None = None
 
 
 @dataclass(slots=True)
@@ -68,6 +72,7 @@ class _Step:
     state: str = "pending"  # pending, cached, running, done, error, interrupted
     started: float | None = None
     duration: float | None = None
+    iterations: int | None = None  # as its progress reported them
 
     def public(self) -> dict[str, Any]:
         return {
@@ -124,8 +129,11 @@ class _Run:
 class Translator:
     """Per-client translation state: the prompts this client submitted through the relay."""
 
-    def __init__(self, *, file_url: Callable[[Mapping[str, Any]], str]) -> None:
+    def __init__(
+        self, *, file_url: Callable[[Mapping[str, Any]], str], durations: Durations | None = None
+    ) -> None:
         self._file_url = file_url
+        self._durations = durations
         self._runs: dict[str, _Run] = {}
         self._finished: OrderedDict[str, _Run] = OrderedDict()
         self.running: str | None = None
@@ -334,6 +342,7 @@ class Translator:
                 cached=cached,
                 completed=run.completed,
                 queued_for=queued_for,
+                **self._eta(run, now),
             )
         ]
 
@@ -371,6 +380,9 @@ class Translator:
             return []
         step.state = "done"
         step.duration = round(now - (step.started or now), 3)
+        if self._durations is not None and run.plan.timing_key is not None:
+            iterations = step.iterations if step.iterations and step.iterations > 1 else None
+            self._durations.record(run.plan.timing_key, node, step.duration, iterations)
         if run.current == node:
             run.current = None
             run.fraction = 0.0
@@ -390,6 +402,7 @@ class Translator:
         if step.state != "running":
             return events
         run.fraction = max(0.0, min(1.0, value / maximum)) if maximum > 0 else 0.0
+        step.iterations = int(maximum)
         events.append(
             self._event(
                 run,
@@ -401,6 +414,7 @@ class Translator:
                 max=maximum,
                 percent=run.percent(),
                 elapsed=run.elapsed(now),
+                **self._eta(run, now),
             )
         )
         return events
@@ -576,7 +590,22 @@ class Translator:
         )
         if step.state in ("done", "error"):
             event["duration"] = step.duration
+        if step.state in ("running", "done"):
+            event.update(self._eta(run, now))
         return event
+
+    def _eta(self, run: _Run, now: float) -> dict[str, float]:
+        """``{"eta": seconds left}`` when every step still to run has a learned duration, else ``{}``."""
+        if self._durations is None or run.plan.timing_key is None:
+            return {}
+        pending = [(s.spec.node, s.spec.iterations) for s in run.steps.values() if s.state == "pending"]
+        current = None
+        step = run.steps.get(run.current) if run.current is not None else None
+        if step is not None and step.state == "running":
+            ran = now - (step.started if step.started is not None else now)
+            current = (step.spec.node, ran, run.fraction, step.iterations or step.spec.iterations)
+        eta = self._durations.remaining(run.plan.timing_key, pending, current)
+        return {} if eta is None else {"eta": eta}
 
     def _event(self, run: _Run, event_type: str, **fields: Any) -> Event:
         return {"type": event_type, "prompt_id": run.prompt_id, **fields}

@@ -55,6 +55,7 @@ def relay_config(emulator: RunningEmulator, **overrides: object) -> RelayConfig:
         "reconnect_max": 0.5,
         "stall_check_interval": 2.0,
         "upstream_connect_timeout": 3.0,
+        "eta_file": "",  # learned durations in memory only: tests start from nothing
         **overrides,
     }
     return RelayConfig(**settings)  # type: ignore[arg-type]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,13 +18,14 @@ from tests.relay_client import open_tab
 from tests.test_emulator_cli import free_port
 
 
-async def test_demo_prints_working_commands() -> None:
+async def test_demo_prints_working_commands(tmp_path: Path) -> None:
     """The demo starts relay and emulator; the wscat URL and curl command it prints work as printed."""
     relay_port, comfy_port = free_port(), free_port()
     ports = ["--port", str(relay_port), "--comfyui-port", str(comfy_port)]
     command = [sys.executable, "-m", "relay", "demo", *ports, "--speed", "10"]
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path)}  # learned durations: not the user's own
     process = await asyncio.create_subprocess_exec(
-        *command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        *command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env
     )
     assert process.stdout is not None
     try:

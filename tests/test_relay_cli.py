@@ -43,7 +43,8 @@ def test_bad_setting_is_refused_clearly() -> None:
 async def test_serve_logs_steps_as_json_and_stops_on_sigterm(emulator: RunningEmulator) -> None:
     """A run through the relay process logs one JSON line per step in the [i/n] format; SIGTERM sends 1001."""
     port = free_port()
-    env = {**os.environ, "COMFYUI_URL": emulator.url, "RELAY_PORT": str(port), "RELAY_LOG_FORMAT": "json"}
+    env = {**os.environ, "COMFYUI_URL": emulator.url, "RELAY_PORT": str(port), "RELAY_LOG_FORMAT": "json",
+           "RELAY_ETA_FILE": ""}  # fmt: skip
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "relay", "serve", env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )

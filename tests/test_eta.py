@@ -1,0 +1,111 @@
+"""Time left (``eta``): absent before any data, close to the truth after a few runs, kept across restarts."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from relay.emulator import EmulatorConfig, RunningEmulator, run_emulator
+from relay.eta import Durations
+from relay.server import run_relay
+from tests.conftest import relay_config
+from tests.relay_client import Tab, open_tab
+
+# Slow enough that the sampler's 20 steps take about a second, so 25% is a fair bar.
+SPEED = 4.0
+
+
+@pytest.fixture
+async def steady_emulator() -> AsyncIterator[RunningEmulator]:
+    async with run_emulator(EmulatorConfig(port=0, speed=SPEED)) as emulator:
+        yield emulator
+
+
+async def run_once(http: httpx.AsyncClient, tab: Tab, seed: int) -> tuple[str, dict[str, Any]]:
+    """One text2img run (a new seed: the sampler, decoder and saver run again; loaders are cached)."""
+    response = await http.post(
+        "/workflows/text2img/prompt", json={"client_id": "eta", "params": {"seed": seed, "steps": 20}}
+    )
+    assert response.status_code == 200, response.text
+    prompt_id: str = response.json()["prompt_id"]
+    return prompt_id, await tab.wait_done(prompt_id, timeout=60)
+
+
+def timed(tab: Tab, prompt_id: str) -> list[dict[str, Any]]:
+    return [
+        e
+        for e in tab.events
+        if e.get("prompt_id") == prompt_id
+        and (e["type"] == "relay.progress" or (e["type"] == "relay.step" and e["state"] == "running"))
+    ]
+
+
+async def test_eta_is_absent_first_then_close_to_the_truth_and_survives_a_restart(
+    steady_emulator: RunningEmulator, tmp_path: Path
+) -> None:
+    eta_file = tmp_path / "durations.json"
+    config = relay_config(steady_emulator, eta_file=str(eta_file))
+    async with run_relay(config) as relay, httpx.AsyncClient(base_url=relay.url, timeout=30) as http:
+        tab = await open_tab(relay.ws_url, "clientId=eta")
+        first, _ = await run_once(http, tab, 1)
+        assert timed(tab, first)
+        assert not [e for e in timed(tab, first) if "eta" in e]  # no data yet: no made-up eta
+        for seed in (2, 3):
+            await run_once(http, tab, seed)
+        prompt_id, done = await run_once(http, tab, 4)
+        checked = 0
+        for event in timed(tab, prompt_id):
+            assert "eta" in event, event
+            actual = done["ts"] - event["ts"]
+            if actual > 0.3:  # the last few hundredths are all scheduling noise
+                assert abs(event["eta"] - actual) <= 0.25 * actual, (event, actual)
+                checked += 1
+        assert checked >= 10
+        await tab.close()
+    saved = orjson.loads(eta_file.read_bytes())
+    sampler = saved["pipelines"]["text2img"]["3"]
+    assert sampler["runs"] == 4
+    assert sampler["per_iteration"] > 0
+
+    # A new relay process reads what the last one learned: eta from the first run on.
+    async with run_relay(config) as relay, httpx.AsyncClient(base_url=relay.url, timeout=30) as http:
+        tab = await open_tab(relay.ws_url, "clientId=eta")
+        prompt_id, _ = await run_once(http, tab, 5)
+        assert all("eta" in e for e in timed(tab, prompt_id))
+        await tab.close()
+
+
+def test_per_iteration_rates_scale_with_the_steps_asked_for(tmp_path: Path) -> None:
+    durations = Durations(tmp_path / "d.json")
+    durations.record("wf", "load", 3.0)
+    durations.record("wf", "sample", 2.0, iterations=20)  # 0.1 s per step
+    # 40 sampler steps to come, after the loader.
+    assert durations.remaining("wf", [("load", None), ("sample", 40)], None) == 7.0
+    # Half-way through a 40-step sampler: 2 s left; a loader that ran 1 s of its 3: 2 s left.
+    assert durations.remaining("wf", [], ("sample", 5.0, 0.5, 40)) == 2.0
+    assert durations.remaining("wf", [], ("load", 1.0, 0.0, None)) == 2.0
+    # One step never seen: no estimate at all.
+    assert durations.remaining("wf", [("load", None), ("decode", None)], None) is None
+    assert durations.remaining("other", [("load", None)], None) is None
+    # Moving average: a slower run moves the estimate part of the way.
+    durations.record("wf", "load", 5.0)
+    step = durations.step("wf", "load")
+    assert step is not None
+    assert 3.0 < step.seconds < 5.0
+    durations.save()
+    assert Durations(tmp_path / "d.json").step("wf", "load") == step
+
+
+def test_an_unreadable_file_starts_afresh(tmp_path: Path) -> None:
+    broken = tmp_path / "d.json"
+    broken.write_text("{not json")
+    durations = Durations(broken)
+    assert durations.remaining("wf", [("x", None)], None) is None
+    durations.record("wf", "x", 1.0)
+    durations.save()
+    assert Durations(broken).remaining("wf", [("x", None)], None) == 1.0
