@@ -24,7 +24,7 @@ from relay.emulator.nodes.base import (
     seconds_for,
 )
 
-__all__ = ["DIFFUSION_NODES", "SAMPLERS", "SCHEDULERS"]
+__all__ = ["DIFFUSION_NODES", "SAMPLERS", "SCHEDULERS", "CheckpointLoaderSimple"]
 
 SAMPLERS = (
     "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "dpm_2",
@@ -50,10 +50,11 @@ class CheckpointLoaderSimple(Node):
     required: ClassVar[Mapping[str, Input]] = {"ckpt_name": Input.model_file("checkpoints")}
     returns = ("MODEL", "CLIP", "VAE")
     seconds = 1.5
+    input_name: ClassVar[str] = "ckpt_name"
 
     async def run(self, ctx: RunContext, **inputs: Any) -> NodeResult:
         await ctx.work(self.seconds)
-        name = inputs["ckpt_name"]
+        name = inputs[self.input_name]
         return NodeResult((ModelRef("model", name), ModelRef("clip", name), ModelRef("vae", name)))
 
 

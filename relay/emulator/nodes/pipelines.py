@@ -31,6 +31,7 @@ from relay.emulator.nodes.base import (
     RunContext,
     seconds_for,
 )
+from relay.emulator.nodes.diffusion import CheckpointLoaderSimple
 
 __all__ = ["PIPELINE_NODES"]
 
@@ -81,19 +82,16 @@ def _mask_of(batch: Any) -> Image.Image:
     return mask
 
 
-class GGUFCheckpointLoader(Node):
+class GGUFCheckpointLoader(CheckpointLoaderSimple):
+    """A quantized (GGUF) checkpoint: model, text encoder and VAE, slower to load."""
+
     class_type = "GGUFCheckpointLoader"
     display_name = "GGUF Checkpoint Loader"
     category = "loaders/gguf"
     python_module = "custom_nodes.comfyui_gguf"
     required: ClassVar[Mapping[str, Input]] = {"gguf_name": Input.model_file("gguf")}
-    returns = ("MODEL", "CLIP", "VAE")
     seconds = 3.5
-
-    async def run(self, ctx: RunContext, **inputs: Any) -> NodeResult:
-        await ctx.work(self.seconds)
-        name = inputs["gguf_name"]
-        return NodeResult((ModelRef("model", name), ModelRef("clip", name), ModelRef("vae", name)))
+    input_name = "gguf_name"
 
 
 class UltralyticsDetectorProvider(Node):
