@@ -35,7 +35,7 @@ from relay.errors import (
     RelayError,
     error_response,
 )
-from relay.eta import Durations, default_file
+from relay.eta import Durations, durations_file
 from relay.fanout import RAW_SEND, Mode, Outgoing, RawSend, Subscriber
 from relay.i18n import LANGUAGES, Localized
 from relay.plans import build_plan, failed_outputs
@@ -71,14 +71,7 @@ class RelayState:
             read_timeout=config.http_read_timeout,
             max_connections=config.http_max_connections,
         )
-        eta_file = (
-            default_file()
-            if config.eta_file == "default"
-            else Path(config.eta_file)
-            if config.eta_file
-            else None
-        )
-        self.durations = Durations(eta_file)
+        self.durations = Durations(durations_file(config.eta_file))
         self.sessions = Sessions(config, self.comfy, self.durations)
         self.closing = False
 

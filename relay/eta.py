@@ -24,17 +24,27 @@ from typing import Any
 import orjson
 import structlog
 
-__all__ = ["Durations", "StepTime", "default_file", "graph_key"]
+__all__ = ["Durations", "StepTime", "default_file", "durations_file", "graph_key"]
 
 log = structlog.get_logger("relay.eta")
 
 _WEIGHT = 0.4  # of the newest run in the moving average
 _VERSION = 1
+# Pipelines remembered; past this the one updated longest ago is forgotten (ad-hoc graphs
+# each get a key of their own, and the file must not grow without end).
+_MAX_PIPELINES = 256
 
 
 def default_file() -> Path:
     state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(state) / "comfy-relay" / "durations.json"
+
+
+def durations_file(setting: str) -> Path | None:
+    """RELAY_ETA_FILE as a path: "default" for the user's state folder, "" for none."""
+    if setting == "default":
+        return default_file()
+    return Path(setting) if setting else None
 
 
 def graph_key(graph: Mapping[str, Any]) -> str:
@@ -86,9 +96,13 @@ class Durations:
         if seconds < 0:
             return
         per = seconds / iterations if iterations else None
-        known = self._steps.setdefault(key, {}).get(node)
+        nodes = self._steps.pop(key, {})
+        self._steps[key] = nodes  # the most recently updated pipeline goes last
+        while len(self._steps) > _MAX_PIPELINES:
+            del self._steps[next(iter(self._steps))]
+        known = nodes.get(node)
         if known is None:
-            self._steps[key][node] = StepTime(seconds, per)
+            nodes[node] = StepTime(seconds, per)
         else:
             known.seconds += _WEIGHT * (seconds - known.seconds)
             if per is not None:

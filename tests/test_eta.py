@@ -109,3 +109,18 @@ def test_an_unreadable_file_starts_afresh(tmp_path: Path) -> None:
     durations.record("wf", "x", 1.0)
     durations.save()
     assert Durations(broken).remaining("wf", [("x", None)], None) == 1.0
+
+
+def test_old_pipelines_are_forgotten_past_the_cap(tmp_path: Path) -> None:
+    """Every ad-hoc graph is a pipeline of its own: the file keeps the most recently used ones."""
+    durations = Durations(tmp_path / "d.json")
+    durations.record("keep", "x", 1.0)
+    for number in range(300):
+        durations.record(f"graph:{number}", "x", 1.0)
+        if number == 200:
+            durations.record("keep", "x", 1.0)  # used again: recent
+    assert durations.step("keep", "x") is not None
+    assert durations.step("graph:0", "x") is None
+    assert durations.step("graph:299", "x") is not None
+    durations.save()
+    assert len(orjson.loads((tmp_path / "d.json").read_bytes())["pipelines"]) == 256

@@ -36,6 +36,8 @@ from relay.emulator.nodes.diffusion import CheckpointLoaderSimple
 __all__ = ["PIPELINE_NODES"]
 
 _MASKS = ("multiply", "add", "subtract", "and", "or", "xor")
+# The x/y offset inputs of ComfyUI's compositing nodes.
+_OFFSET = Input("INT", {"default": 0, "min": 0, "max": 16384, "step": 1})
 _BETA_SCHEDULES = (
     "autoselect", "sqrt_linear (AnimateDiff)", "linear (AnimateDiff-SDXL)", "linear (HotshotXL/default)",
     "avg(sqrt_linear,linear)", "lcm", "sqrt", "cosine", "squaredcos_cap_v2",
@@ -178,8 +180,8 @@ class MaskComposite(Node):
     required: ClassVar[Mapping[str, Input]] = {
         "destination": Input("MASK", bare=True),
         "source": Input("MASK", bare=True),
-        "x": Input("INT", {"default": 0, "min": 0, "max": 16384, "step": 1}),
-        "y": Input("INT", {"default": 0, "min": 0, "max": 16384, "step": 1}),
+        "x": _OFFSET,
+        "y": _OFFSET,
         "operation": Input.combo(_MASKS),
     }
     returns = ("MASK",)
@@ -308,8 +310,8 @@ class ImageCompositeMasked(Node):
     required: ClassVar[Mapping[str, Input]] = {
         "destination": Input("IMAGE", bare=True),
         "source": Input("IMAGE", bare=True),
-        "x": Input("INT", {"default": 0, "min": 0, "max": 16384, "step": 1}),
-        "y": Input("INT", {"default": 0, "min": 0, "max": 16384, "step": 1}),
+        "x": _OFFSET,
+        "y": _OFFSET,
         "resize_source": Input.boolean(False),
     }
     optional: ClassVar[Mapping[str, Input]] = {"mask": Input("MASK", bare=True)}
