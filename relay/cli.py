@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,9 +18,11 @@ from relay.app import create_app as create_relay_app
 from relay.config import DESCRIPTIONS, ENV_NAMES, ConfigError, RelayConfig
 from relay.emulator import EmulatorConfig, create_app, run_emulator
 from relay.emulator.harness import uvicorn_config
+from relay.i18n import LANGUAGES
 from relay.logs import configure_logging
 from relay.server import RelayServer, run_relay, tune_gc
 from relay.server import uvicorn_config as relay_uvicorn_config
+from relay.submit import EXIT_STOPPED, SubmitOptions, list_workflows, run_submit
 from relay.workflows import WorkflowError
 
 __all__ = ["main"]
@@ -168,10 +171,16 @@ async def _demo(args: argparse.Namespace) -> None:
         config = RelayConfig.from_env(comfyui_url=emulator.url, host=args.host, port=args.port)
         async with run_relay(config) as relay:
             example = '{\\"client_id\\": \\"demo\\", \\"prompt\\": '
+            workflows = "\n".join(
+                f"  {w.name:<14} {len(w.steps):>2} steps  {w.title['en']}" for w in relay.state.workflows
+            )
             print(
                 f"\ncomfy-relay demo\n"
                 f"  relay:     {relay.url}  (WebSocket {relay.ws_url})\n"
                 f"  ComfyUI:   {emulator.url}  (emulated, speed x{args.speed:g})\n\n"
+                f"Workflows:\n{workflows}\n\n"
+                f"Run one and watch its steps (in another terminal):\n"
+                f"  {_command_path()} submit portrait_mode --watch --relay {relay.url}\n"
                 f"Watch a client's events:\n"
                 f"  wscat -c '{relay.ws_url}?clientId=demo'\n"
                 f"Submit the example text-to-image graph:\n"
@@ -191,6 +200,98 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command_path() -> str:
+    """How to run this command from the current folder (the virtualenv's script when it has one)."""
+    script = Path(sys.executable).parent / "comfy-relay"
+    if not script.exists():
+        return "comfy-relay"
+    with contextlib.suppress(ValueError):
+        return str(script.relative_to(Path.cwd()))
+    return str(script)
+
+
+def _relay_argument(parser: argparse.ArgumentParser) -> None:
+    default = os.environ.get("COMFY_RELAY_URL", "http://127.0.0.1:8190")
+    parser.add_argument(
+        "--relay", default=default, metavar="URL", help="the relay's URL [env COMFY_RELAY_URL, %(default)s]"
+    )
+
+
+def _submit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "submit",
+        help="submit a workflow through a relay and watch its progress",
+        description=(
+            "Submit a workflow the relay knows (see 'comfy-relay workflows') or an API-format graph file, "
+            "and with --watch follow it step by step until it ends. Exit status: 0 success, 1 the run "
+            "failed or was interrupted, 2 the request was refused, 3 the relay could not be reached."
+        ),
+    )
+    parser.add_argument(
+        "workflow", metavar="WORKFLOW", help="a workflow name, or a path to a graph .json file"
+    )
+    parser.add_argument(
+        "-p",
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set a workflow parameter (repeatable); an image parameter given as @PATH uploads that file",
+    )
+    _relay_argument(parser)
+    parser.add_argument(
+        "--client-id", metavar="ID", help="the client id to submit under (default: a new one)"
+    )
+    parser.add_argument("--lang", choices=LANGUAGES, help="language of step names (default: the relay's)")
+    parser.add_argument("-w", "--watch", action="store_true", help="show live progress until the run ends")
+    parser.add_argument(
+        "--progress",
+        choices=("auto", "live", "plain"),
+        default="auto",
+        help="live bars redrawn in place, or plain lines; auto: live on a terminal (default)",
+    )
+    parser.add_argument(
+        "--reconnect-for",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to keep trying when the relay connection drops (default: %(default)s)",
+    )
+
+
+def _run_submit(args: argparse.Namespace) -> int:
+    options = SubmitOptions(
+        target=args.workflow,
+        relay_url=args.relay,
+        params=tuple(args.param),
+        client_id=args.client_id,
+        lang=args.lang,
+        watch=args.watch,
+        progress=args.progress,
+        reconnect_for=args.reconnect_for,
+    )
+    try:
+        return asyncio.run(run_submit(options))
+    except KeyboardInterrupt:
+        return EXIT_STOPPED
+
+
+def _workflows_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "workflows",
+        help="list the workflows a relay knows, with their parameters",
+        description="List the workflows a relay knows: names, step counts and the parameters 'submit' takes.",
+    )
+    _relay_argument(parser)
+    parser.add_argument(
+        "--lang", choices=LANGUAGES, default="en", help="language of titles (default: %(default)s)"
+    )
+
+
+def _run_workflows(args: argparse.Namespace) -> int:
+    return asyncio.run(list_workflows(args.relay, args.lang))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="comfy-relay", description="A WebSocket event relay in front of ComfyUI."
@@ -199,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _serve_parser(sub)
     _demo_parser(sub)
+    _submit_parser(sub)
+    _workflows_parser(sub)
     _emulator_parser(sub)
     return parser
 
@@ -206,11 +309,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        return _dispatch(parser, args)
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as command-line tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command == "emulator":
         return _run_emulator(args)
     if args.command == "serve":
         return _run_relay(args)
     if args.command == "demo":
         return _run_demo(args)
+    if args.command == "submit":
+        return _run_submit(args)
+    if args.command == "workflows":
+        return _run_workflows(args)
     parser.print_help()
     return 2

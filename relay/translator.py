@@ -27,14 +27,13 @@ from typing import Any, Literal
 
 from relay.eta import Durations
 from relay.i18n import Text
+from relay.protocol import file_refs
 
-__all__ = ["Plan", "StepSpec", "Translator", "humanize"]
+__all__ = ["Plan", "StepSpec", "Translator", "history_outcome", "humanize"]
 
 Event = dict[str, Any]
 Phase = Literal["registered", "queued", "running", "finished"]
 
-# UI keys whose lists hold files ({filename, subfolder, type}), as output nodes report them.
-_FILE_KEYS = ("images", "gifs", "video", "videos", "audio", "files", "meshes", "3d")
 _FINISHED_RUNS_KEPT = 64
 
 
@@ -124,6 +123,32 @@ class _Run:
             return 0.0
         end = self.ended_at if self.ended_at is not None else now
         return round(max(0.0, end - self.started_at), 3)
+
+
+def history_outcome(entry: Mapping[str, Any]) -> tuple[str, dict[str, Any] | None]:
+    """How a finished prompt ended, from its ``/history`` entry: ``(status, error)``.
+
+    ``status`` is ``success``, ``error`` or ``interrupted``; ``error`` is the ``relay.done``
+    error object (``None`` on success), read from the terminal message ComfyUI kept.
+    """
+    status_info = entry.get("status")
+    messages = status_info.get("messages") if isinstance(status_info, dict) else None
+    terminal = {m[0]: m[1] for m in messages or [] if isinstance(m, list) and len(m) == 2}
+    if isinstance(terminal.get("execution_error"), dict):
+        data = terminal["execution_error"]
+        message = data.get("exception_message")
+        return "error", {
+            "node": data.get("node_id"),
+            "class_type": data.get("node_type"),
+            "exception_type": data.get("exception_type"),
+            "message": message.strip() if isinstance(message, str) else message,
+        }
+    if isinstance(terminal.get("execution_interrupted"), dict):
+        data = terminal["execution_interrupted"]
+        error = {"node": data.get("node_id"), "class_type": data.get("node_type"), "exception_type": None,
+                 "message": "interrupted"}  # fmt: skip
+        return "interrupted", error
+    return "success", None
 
 
 class Translator:
@@ -510,28 +535,10 @@ class Translator:
                     events.append(
                         self._event(run, "relay.output", node=node, output=output, files=self._files(output))
                     )
-        status_info = history.get("status") if isinstance(history.get("status"), dict) else {}
-        messages = status_info.get("messages") if isinstance(status_info, dict) else None
-        terminal = {m[0]: m[1] for m in messages or [] if isinstance(m, list) and len(m) == 2}
-        if "execution_error" in terminal:
-            data = terminal["execution_error"]
-            message = data.get("exception_message")
-            error = {
-                "node": data.get("node_id"),
-                "class_type": data.get("node_type"),
-                "exception_type": data.get("exception_type"),
-                "message": message.strip() if isinstance(message, str) else message,
-            }
-            self._settle(run, "error", data.get("node_id"))
-            return events + self._done(run, "error", now, error=error, recovered=True)
-        if "execution_interrupted" in terminal:
-            data = terminal["execution_interrupted"]
-            error = {"node": data.get("node_id"), "class_type": data.get("node_type"), "exception_type": None,
-                     "message": "interrupted"}  # fmt: skip
-            self._settle(run, "interrupted", data.get("node_id"))
-            return events + self._done(run, "interrupted", now, error=error, recovered=True)
-        self._settle(run, "done", None)
-        return events + self._done(run, "success", now, recovered=True)
+        status, error = history_outcome(history)
+        failed_node = error.get("node") if error is not None else None
+        self._settle(run, "done" if status == "success" else status, failed_node)
+        return events + self._done(run, status, now, error=error, recovered=True)
 
     def lost(self, prompt_id: str, reason: str, now: float) -> list[Event]:
         """ComfyUI no longer knows the prompt (it restarted): say so, never leave it open."""
@@ -611,19 +618,4 @@ class Translator:
         return {"type": event_type, "prompt_id": run.prompt_id, **fields}
 
     def _files(self, output: Any) -> list[dict[str, Any]]:
-        if not isinstance(output, dict):
-            return []
-        files = []
-        for key in _FILE_KEYS:
-            entries = output.get(key)
-            if not isinstance(entries, list):
-                continue
-            for entry in entries:
-                if isinstance(entry, dict) and isinstance(entry.get("filename"), str):
-                    ref = {
-                        "filename": entry["filename"],
-                        "subfolder": entry.get("subfolder", ""),
-                        "type": entry.get("type", "output"),
-                    }
-                    files.append({**ref, "kind": key, "url": self._file_url(ref)})
-        return files
+        return [{**ref, "kind": kind, "url": self._file_url(ref)} for kind, ref in file_refs(output)]

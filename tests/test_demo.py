@@ -50,6 +50,23 @@ async def test_demo_prints_working_commands(tmp_path: Path) -> None:
             health = await http.get(f"http://127.0.0.1:{relay_port}/healthz")
         assert health.json()["status"] == "ok"
         await tab.close()
+
+        # The printed submit command, run as printed: portrait_mode's 16 named steps, then its output.
+        submit = next(line.strip() for line in banner if " submit portrait_mode --watch" in line)
+        watch = await asyncio.create_subprocess_shell(submit, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        async with asyncio.timeout(90):
+            watched, errors = await watch.communicate()
+        assert watch.returncode == 0, errors.decode()
+        lines = watched.decode().splitlines()
+        portrait = json.loads((Path(__file__).parents[1] / "workflows" / "portrait_mode.json").read_text())
+        names = {texts["ko"] for texts in portrait["steps"].values()}
+        steps = [line for line in lines if line.startswith("[") and "/16] " in line]
+        assert [line[1:3].strip() for line in steps] == [str(i) for i in range(1, 17)]
+        assert {line[8 : line.index(" (elapsed")] for line in steps} == names
+        assert lines[-1].startswith(f"output: http://127.0.0.1:{relay_port}/view?filename=portrait_")
+        async with httpx.AsyncClient() as http:
+            image = await http.get(lines[-1].removeprefix("output: "))
+        assert image.content.startswith(b"\x89PNG")
     finally:
         process.send_signal(signal.SIGINT)
         async with asyncio.timeout(15):
