@@ -196,6 +196,15 @@ def _checked_post(path: str) -> Handler:
     return handler
 
 
+async def post_queue(request: Request) -> Response:
+    """``{"delete": [ids]}`` or ``{"clear": true}``; removed prompts then end as ``cancelled``."""
+    body = await _json_body(request)
+    response = await forward(request, "/queue", content=body)
+    if response.status_code == 200:
+        await request.app.state.relay.sessions.settle_removed()
+    return response
+
+
 async def interrupt(request: Request) -> Response:
     """Global with no body or ``{}``; targeted with ``{"prompt_id": ...}``."""
     body = await request.body()
@@ -238,7 +247,7 @@ def proxy_routes() -> list[BaseRoute]:
     routes: list[tuple[str, Handler, list[str]]] = [
         ("/view", view, ["GET", "HEAD"]),
         ("/queue", queue, ["GET"]),
-        ("/queue", _checked_post("/queue"), ["POST"]),
+        ("/queue", post_queue, ["POST"]),
         ("/history", _passthrough(lambda r: "/history"), ["GET"]),
         ("/history", _checked_post("/history"), ["POST"]),
         ("/history/{prompt_id}", _passthrough(lambda r: "/history/" + _segment(r, "prompt_id")), ["GET"]),

@@ -204,8 +204,12 @@ class ClientSession:
             self.log.warning("prompts finished without a word on the socket; reopening it", closed=closed)
         return closed > 0
 
-    async def reconcile(self) -> int:
-        """Settle prompts that ended while the socket was away; returns how many it closed."""
+    async def reconcile(self, *, removed: bool = False) -> int:
+        """Settle prompts that ended while the socket was away; returns how many it closed.
+
+        With ``removed``, after a delete from ComfyUI's queue: a prompt that never started and
+        is gone from the queue without a history entry was cancelled, not lost.
+        """
         active = self.translator.active()
         if not active:
             return 0
@@ -219,6 +223,8 @@ class ClientSession:
                 now = time.monotonic()
                 if isinstance(entry, dict):
                     events = self.translator.recover(prompt_id, entry, now)
+                elif removed and prompt_id in self.translator.queued():
+                    events = self.translator.cancelled(prompt_id, now)
                 else:
                     reason = "ComfyUI no longer knows this prompt (it may have restarted); its result is lost"
                     events = self.translator.lost(prompt_id, reason, now)
@@ -259,6 +265,12 @@ class Sessions:
 
     def find(self, client_id: str) -> ClientSession | None:
         return self._sessions.get(client_id)
+
+    async def settle_removed(self) -> None:
+        """After prompts were deleted from ComfyUI's queue: end each removed one with ``cancelled``."""
+        for session in list(self._sessions.values()):
+            if session.translator.queued():
+                await session.reconcile(removed=True)
 
     def __iter__(self) -> Iterator[ClientSession]:
         return iter(list(self._sessions.values()))

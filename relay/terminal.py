@@ -297,7 +297,7 @@ def _ending(view: RunView, base_url: str) -> list[str]:
     else:
         failed = view.failed_step()
         where = f" at {view.label(failed)}" if failed is not None else ""
-        word = "interrupted" if view.status == "interrupted" else "failed"
+        word = {"interrupted": "interrupted", "cancelled": "cancelled"}.get(str(view.status), "failed")
         lines.append(f"✗ {word}{where} after {duration(view.elapsed)}{recovered}")
         error = view.error or {}
         if error.get("exception_type") or error.get("message"):

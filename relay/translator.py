@@ -548,6 +548,19 @@ class Translator:
         error = {"node": None, "class_type": None, "exception_type": "PromptLost", "message": reason}
         return self._done(run, "error", now, error=error, recovered=True)
 
+    def cancelled(self, prompt_id: str, now: float) -> list[Event]:
+        """The prompt was removed from ComfyUI's queue before it started: it ends ``cancelled``."""
+        run = self._runs.get(prompt_id)
+        if run is None or run.phase != "queued":
+            return []
+        error = {"node": None, "class_type": None, "exception_type": None,
+                 "message": "removed from ComfyUI's queue before it ran"}  # fmt: skip
+        return self._done(run, "cancelled", now, error=error)
+
+    def queued(self) -> list[str]:
+        """Prompts accepted and waiting in ComfyUI's queue (not started)."""
+        return [pid for pid, run in self._runs.items() if run.phase == "queued"]
+
     def _settle(self, run: _Run, state: str, failed_node: Any) -> None:
         """After a recovery: steps we never saw end are completed, or the failure marked."""
         for node, step in run.steps.items():

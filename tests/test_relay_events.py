@@ -161,6 +161,28 @@ async def test_error_and_interrupt(
     await tab.close()
 
 
+async def test_removed_from_the_queue_ends_cancelled(
+    relay: RunningRelay, relay_http: httpx.AsyncClient, emulator: RunningEmulator
+) -> None:
+    """Deleting pending prompts through the relay (by id, or clear) ends each with relay.done cancelled."""
+    tab = await open_tab(relay.ws_url, "clientId=dora")
+    running = await submit(relay_http, load_trace("04").workflow(), "dora")
+    pending = [await submit(relay_http, TEXT2IMG, "dora", prompt_id=f"pending-{n}") for n in range(3)]
+    await tab.wait_type("relay.progress", running)
+    assert (await relay_http.post("/queue", json={"delete": [pending[0]]})).status_code == 200
+    done = await tab.wait_done(pending[0])
+    assert done["status"] == "cancelled"
+    assert done["error"]["message"] == "removed from ComfyUI's queue before it ran"
+    assert (await relay_http.post("/api/queue", json={"clear": True})).status_code == 200
+    assert [(await tab.wait_done(p))["status"] for p in pending[1:]] == ["cancelled", "cancelled"]
+    assert tab.of("relay.done", running) == []  # the running prompt is not touched
+    async with httpx.AsyncClient(base_url=emulator.url) as comfy:
+        await comfy.post("/interrupt", json={"prompt_id": running})
+    assert (await tab.wait_done(running))["status"] == "interrupted"
+    assert [e["prompt_id"] for e in tab.of("relay.done")].count(pending[0]) == 1
+    await tab.close()
+
+
 async def test_bad_requests_get_clear_errors(relay: RunningRelay, relay_http: httpx.AsyncClient) -> None:
     """Malformed bodies get 400 JSON errors from the relay itself; bad socket parameters a 4400 close."""
     cases = [
