@@ -8,12 +8,12 @@ HOST ?= 127.0.0.1
 PORT ?= 8190
 COMFYUI_PORT ?= 8188
 
-.PHONY: help venv lint format test test-fast demo emulator clean
+.PHONY: help venv browser lint format test test-fast demo emulator clean
 
 help:
 	@echo "make demo      run the relay on http://$(HOST):$(PORT) with the built-in ComfyUI emulator"
 	@echo "make emulator  run only the emulated ComfyUI on http://$(HOST):$(COMFYUI_PORT)"
-	@echo "make test      lint (ruff, mypy --strict) and run the whole test suite"
+	@echo "make test      lint (ruff, mypy --strict) and run the whole test suite, browser tests included"
 	@echo "make test-fast run the tests without the lint step"
 	@echo "make format    apply ruff's formatter and safe fixes"
 	@echo "make clean     remove the virtualenv and caches"
@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Chromium for the browser tests (tests/test_browser.py skip, saying why, without it).
+browser:
+	@bash scripts/install-browser.sh
+
 lint: $(STAMP)
 	$(BIN)/ruff check relay tests bench
 	$(BIN)/ruff format --check relay tests bench
@@ -35,7 +39,7 @@ format: $(STAMP)
 	$(BIN)/ruff format relay tests bench
 	$(BIN)/ruff check --fix relay tests bench
 
-test: lint
+test: lint browser
 	$(BIN)/pytest
 
 test-fast: $(STAMP)

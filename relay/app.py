@@ -38,6 +38,7 @@ from relay.errors import (
 from relay.eta import Durations, durations_file
 from relay.fanout import RAW_SEND, Mode, Outgoing, RawSend, Subscriber
 from relay.i18n import LANGUAGES, Localized
+from relay.page import page_routes
 from relay.plans import build_plan, failed_outputs
 from relay.proxy import proxy_routes
 from relay.sessions import ClientSession, Sessions
@@ -421,6 +422,7 @@ def routes() -> list[BaseRoute]:
         Route("/healthz", healthz, methods=["GET"]),
         *proxy_routes(),
         *upload_routes(),
+        *page_routes(),
     ]
 
 

@@ -176,6 +176,7 @@ async def _demo(args: argparse.Namespace) -> None:
             )
             print(
                 f"\ncomfy-relay demo\n"
+                f"  page:      {relay.url}/  (open it in a browser)\n"
                 f"  relay:     {relay.url}  (WebSocket {relay.ws_url})\n"
                 f"  ComfyUI:   {emulator.url}  (emulated, speed x{args.speed:g})\n\n"
                 f"Workflows:\n{workflows}\n\n"

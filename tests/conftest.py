@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -11,6 +13,9 @@ from relay.config import RelayConfig
 from relay.emulator import EmulatorConfig, RunningEmulator, run_emulator
 from relay.server import RunningRelay, run_relay
 from tests.driver import Session, open_session
+
+# Where tests/test_browser.py saves its screenshots of the progress page.
+SCREENSHOTS = Path(os.environ.get("RELAY_SCREENSHOTS", Path(__file__).parents[1] / "build" / "screenshots"))
 
 # Fast enough for a quick suite, slow enough that a 0.2 s probe step (10 ms here) still
 # leaves room for an interrupt between two steps.
@@ -71,3 +76,9 @@ async def relay(emulator: RunningEmulator) -> AsyncIterator[RunningRelay]:
 async def relay_http(relay: RunningRelay) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=relay.url, timeout=30) as http:
         yield http
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Say where the browser tests left their screenshots."""
+    if SCREENSHOTS.is_dir() and any(SCREENSHOTS.glob("*.png")):
+        terminalreporter.write_line(f"screenshots of the progress page: {SCREENSHOTS}")

@@ -1,0 +1,275 @@
+"""The progress page in a real headless Chromium, against the relay and the emulator.
+
+Chromium comes from Debian's packages (``scripts/install-browser.sh``, run by ``make test``);
+Playwright drives it. Screenshots of the page go to ``build/screenshots`` (or
+``RELAY_SCREENSHOTS``), printed at the end of the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from relay.emulator import EmulatorConfig, RunningEmulator
+from relay.server import RunningRelay, run_relay
+from tests.conftest import SCREENSHOTS, relay_config
+from tests.relay_client import open_tab
+from tests.test_emulator_cli import free_port
+
+playwright_api = pytest.importorskip("playwright.async_api", reason="playwright is not installed")
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="Chromium is not installed and could not be (scripts/install-browser.sh)"
+)
+
+# As a root process in a container, with no network beyond localhost.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ROOT = Path(__file__).parents[1]
+PORTRAIT = json.loads((ROOT / "workflows" / "portrait_mode.json").read_text())
+PORTRAIT_NAMES = sorted(texts["ko"] for texts in PORTRAIT["steps"].values())
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
+
+
+@pytest.fixture
+def emulator_config() -> EmulatorConfig:
+    # Slow enough to watch a run, reload in its middle and cancel what waits behind it.
+    return EmulatorConfig(port=0, speed=2)
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    async with playwright_api.async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+class Page:
+    """One browser page on the relay, with the errors its scripts raised."""
+
+    def __init__(self, page: Any, base: str) -> None:
+        self.page = page
+        self.base = base
+        self.errors: list[str] = []
+        # Uncaught script errors (a refused socket while the relay is away is logged, not thrown).
+        page.on("pageerror", lambda error: self.errors.append(str(error)))
+
+    @classmethod
+    async def open(cls, browser: Any, relay: RunningRelay, *, viewport: dict[str, int] = DESKTOP) -> Page:
+        context = await browser.new_context(viewport=viewport, locale="ko-KR")
+        page = cls(await context.new_page(), relay.url)
+        await page.page.goto(relay.url + "/")
+        await page.page.wait_for_selector("#workflow option[value=portrait_mode]", state="attached")
+        await page.page.wait_for_selector('#connection[data-state="connected"]')
+        return page
+
+    async def until(self, expression: str, timeout: float = 30.0) -> None:
+        """Poll ``expression`` in the page until truthy (the page's CSP forbids wait_for_function's eval)."""
+        async with asyncio.timeout(timeout):
+            while not await self.page.evaluate(expression):
+                await asyncio.sleep(0.05)
+
+    async def submit(self, seed: int) -> str:
+        """Submit portrait_mode with this seed from the form; the prompt id the page follows."""
+        await self.page.select_option("#workflow", "portrait_mode")
+        await self.page.fill("#param-seed", str(seed))
+        await self.page.click("#submit")
+        await self.until("Boolean(document.querySelector('#run').dataset.promptId)")
+        prompt_id: str = await self.page.eval_on_selector("#run", "run => run.dataset.promptId")
+        return prompt_id
+
+    async def steps(self) -> list[dict[str, str]]:
+        steps: list[dict[str, str]] = await self.page.eval_on_selector_all(
+            "#steps li",
+            "items => items.map(li => ({state: li.dataset.state,"
+            " index: li.querySelector('.index').textContent, name: li.querySelector('.name').textContent}))",
+        )
+        return steps
+
+    async def running_index(self, at_least: int) -> None:
+        await self.until(
+            "(() => { const li = document.querySelector('#steps li[data-state=\"running\"] .index');"
+            f" return Boolean(li) && Number(li.textContent) >= {at_least}; }})()"
+        )
+
+    async def done(self, timeout: float = 60_000) -> str:
+        await self.page.wait_for_selector('#run[data-phase="done"]', timeout=timeout)
+        status: str = await self.page.eval_on_selector("#run", "run => run.dataset.status")
+        return status
+
+    async def shot(self, name: str) -> None:
+        await asyncio.to_thread(SCREENSHOTS.mkdir, parents=True, exist_ok=True)
+        await self.page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+
+    async def result_loaded(self) -> None:
+        await self.until(
+            "(() => { const img = document.querySelector('#results img');"
+            " return Boolean(img) && img.complete && img.naturalWidth > 0; })()"
+        )
+
+
+async def learn_portrait_durations(relay: RunningRelay) -> None:
+    """One portrait_mode run through the relay's API, for it to learn step durations from."""
+    tab = await open_tab(relay.ws_url, "clientId=warm-up")
+    async with httpx.AsyncClient(base_url=relay.url) as http:
+        answer = await http.post(
+            "/workflows/portrait_mode/prompt", json={"client_id": "warm-up", "params": {"seed": 100}}
+        )
+    assert (await tab.wait_done(answer.json()["prompt_id"], timeout=60))["status"] == "success"
+    await tab.close()
+
+
+async def test_portrait_run_step_by_step(browser: Any, relay: RunningRelay) -> None:
+    """Submit portrait_mode: the list advances to 16/16 named steps, percent only rises, the image shows."""
+    await learn_portrait_durations(relay)  # so the run has an ETA to show
+    page = await Page.open(browser, relay)
+    await page.shot("1-start")
+    await page.submit(seed=101)
+    percents: list[float] = []
+    current: list[str] = []
+
+    async def sample() -> None:
+        while True:
+            text = await page.page.text_content("#percent")
+            percents.append(float((text or "0").rstrip("%")))
+            current.append(await page.page.text_content("#current") or "")
+            await asyncio.sleep(0.1)
+
+    sampler = asyncio.create_task(sample())
+    await page.running_index(14)  # the sampler, with its live preview
+    await page.page.wait_for_selector("#preview:not([hidden]) img")
+    await page.until("document.querySelector('#timing').textContent.includes('남은 시간')")
+    await page.shot("2-mid-run")
+    assert await page.done() == "success"
+    sampler.cancel()
+    await page.result_loaded()
+    await page.shot("3-done")
+
+    steps = await page.steps()
+    assert [s["index"] for s in steps] == [str(i) for i in range(1, 17)]
+    assert sorted(s["name"] for s in steps) == PORTRAIT_NAMES
+    # The warm-up run left the model loaders in ComfyUI's cache: they come first, as cached.
+    assert {s["state"] for s in steps} == {"done", "cached"}
+    assert percents == sorted(percents)
+    assert percents[-1] == 100.0
+    assert any(text.startswith("[14/16]") and "20/20" not in text for text in current)
+    assert await page.page.text_content("#percent") == "100.0%"
+    assert page.errors == []
+
+
+async def test_phone_layout_and_english(browser: Any, relay: RunningRelay) -> None:
+    """On a phone-sized screen nothing overflows sideways; the language switch gives English names."""
+    page = await Page.open(browser, relay, viewport=PHONE)
+    await page.page.click("#lang-toggle")
+    await page.page.wait_for_selector('html[lang="en"]', state="attached")
+    await page.page.wait_for_selector('#connection[data-state="connected"]')
+    await page.page.wait_for_selector("#workflow option[value=portrait_mode]", state="attached")
+    assert await page.page.text_content("#submit") == "Generate"
+    prompt_id = await page.submit(seed=202)
+    assert await page.done() == "success"
+    await page.result_loaded()
+    await page.page.wait_for_selector(f'#queue-history li[data-prompt-id="{prompt_id}"]')
+    assert await page.page.text_content("#queue-running") == "Nothing"
+    await page.shot("4-phone-done-en")
+    names = sorted(s["name"] for s in await page.steps())
+    assert names == sorted(texts["en"] for texts in PORTRAIT["steps"].values())
+    overflow = await page.page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0
+    assert page.errors == []
+
+
+async def test_cancel_a_pending_job(browser: Any, relay: RunningRelay, emulator: RunningEmulator) -> None:
+    """A second job waits behind the first; Cancel in the queue panel removes it and the page says so."""
+    page = await Page.open(browser, relay)
+    first = await page.submit(seed=301)
+    await page.running_index(2)
+    second = await page.submit(seed=302)
+    row = f'#queue-pending li[data-prompt-id="{second}"] button.cancel'
+    await page.page.wait_for_selector(row)
+    await page.shot("5-pending")
+    await page.page.click(row)
+    assert await page.done(timeout=15_000) == "cancelled"
+    await page.page.wait_for_selector(f'#queue-pending li[data-prompt-id="{second}"]', state="detached")
+    assert await page.page.text_content("#run-status") == "취소됨"
+    async with httpx.AsyncClient(base_url=emulator.url) as comfy:
+        queue = (await comfy.get("/queue")).json()
+        assert second not in {item[1] for item in queue["queue_pending"] + queue["queue_running"]}
+        assert first in {item[1] for item in queue["queue_running"]}  # the first runs on
+        await comfy.post("/interrupt")
+    assert page.errors == []
+
+
+async def test_upstream_drop_shows_reconnecting_then_the_true_end(
+    browser: Any, emulator: RunningEmulator
+) -> None:
+    """The relay's ComfyUI socket drops mid-run: the page says reconnecting, then shows the real result."""
+    async with run_relay(relay_config(emulator, reconnect_initial=1.5, reconnect_max=2.0)) as relay:
+        page = await Page.open(browser, relay)
+        await page.submit(seed=401)
+        await page.running_index(3)
+        await emulator.drop_sockets()
+        await page.page.wait_for_selector('#upstream[data-state="reconnecting"]', timeout=5_000)
+        await page.shot("6-upstream-reconnecting")
+        assert await page.done() == "success"
+        await page.page.wait_for_selector('#upstream[data-state="connected"]')
+        await page.result_loaded()
+        steps = await page.steps()
+        assert len(steps) == 16
+        assert {s["state"] for s in steps} == {"done"}
+        assert page.errors == []
+
+
+async def test_reload_mid_run_resumes_the_same_prompt(browser: Any, relay: RunningRelay) -> None:
+    """Reloading mid-run: the page comes back on the same prompt with the steps done so far, then ends."""
+    page = await Page.open(browser, relay)
+    prompt_id = await page.submit(seed=501)
+    await page.running_index(6)
+    await page.page.reload()
+    await page.page.wait_for_selector(f'#run[data-prompt-id="{prompt_id}"]')
+    await page.until("document.querySelectorAll('#steps li[data-state=\"done\"]').length >= 5")
+    restored = await page.steps()
+    assert len(restored) == 16
+    assert [s["index"] for s in restored[:5]] == ["1", "2", "3", "4", "5"]
+    assert await page.done() == "success"
+    await page.result_loaded()
+    assert {s["state"] for s in await page.steps()} == {"done"}
+    assert page.errors == []
+
+
+async def test_relay_restart_mid_run_ends_from_history(browser: Any, emulator: RunningEmulator) -> None:
+    """The relay itself restarts mid-run: the page reconnects, and shows the end ComfyUI recorded."""
+    port = free_port()
+    first = run_relay(relay_config(emulator, port=port))
+    relay = await first.__aenter__()
+    try:
+        page = await Page.open(browser, relay)
+        await page.submit(seed=601)
+        await page.running_index(4)
+    finally:
+        await first.__aexit__(None, None, None)
+    await page.page.wait_for_selector('#connection[data-state="reconnecting"]', timeout=5_000)
+    async with run_relay(relay_config(emulator, port=port)):
+        await page.page.wait_for_selector('#connection[data-state="resumed"]', timeout=15_000)
+        assert await page.done() == "success"
+        await page.result_loaded()
+        assert "재연결 후" in (await page.page.text_content("#run-error") or "")
+    assert page.errors == []
