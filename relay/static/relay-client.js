@@ -525,14 +525,12 @@ export class RelayClient {
     return prompt;
   }
 
-  /** Fill and submit a workflow; resolves to the relay's answer (prompt_id, number, ...). */
-  async submitWorkflow(name, params = {}) {
+  async _submit(path, body, workflow) {
+    // The prompt id is chosen here, so events that beat the HTTP answer are already ours.
     const promptId = uuid4();
-    this._submitted(promptId, name);
+    this._submitted(promptId, workflow);
     try {
-      return await this._fetch("POST", `/workflows/${encodeURIComponent(name)}/prompt`, {
-        json: { client_id: this.clientId, prompt_id: promptId, params },
-      });
+      return await this._fetch("POST", path, { json: { ...body, client_id: this.clientId, prompt_id: promptId } });
     } catch (error) {
       this.prompts.delete(promptId);
       throw error;
@@ -542,21 +540,14 @@ export class RelayClient {
     }
   }
 
+  /** Fill and submit a workflow; resolves to the relay's answer (prompt_id, number, ...). */
+  async submitWorkflow(name, params = {}) {
+    return this._submit(`/workflows/${encodeURIComponent(name)}/prompt`, { params }, name);
+  }
+
   /** Submit an API-format graph as POST /prompt does. */
   async submitPrompt(graph, extra = {}) {
-    const promptId = uuid4();
-    this._submitted(promptId, null);
-    try {
-      return await this._fetch("POST", "/prompt", {
-        json: { ...extra, prompt: graph, client_id: this.clientId, prompt_id: promptId },
-      });
-    } catch (error) {
-      this.prompts.delete(promptId);
-      throw error;
-    } finally {
-      const prompt = this.prompts.get(promptId);
-      if (prompt) prompt.inFlight = false;
-    }
+    return this._submit("/prompt", { ...extra, prompt: graph }, null);
   }
 
   /** Upload an image (a File or Blob); resolves to the name to give a workflow's image parameter. */
