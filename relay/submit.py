@@ -304,11 +304,18 @@ class _Submission:
         if resume and self.last_seq is not None and self.epoch is not None:
             query.update(since=self.last_seq, epoch=self.epoch)
         url = f"{_ws_url(self.options.relay_url)}?{urlencode(query)}"
+        failures = (OSError, TimeoutError, websockets.InvalidHandshake, websockets.ConnectionClosed)
         try:
             socket = await connect(url, open_timeout=self.options.connect_timeout, max_size=2**24)
-            hello = self._decode(await asyncio.wait_for(socket.recv(), self.options.connect_timeout))
-        except (OSError, TimeoutError, websockets.InvalidHandshake, websockets.ConnectionClosed) as exc:
+        except failures as exc:
             raise SubmitError(f"cannot open the relay's WebSocket {url}: {exc}", EXIT_UNREACHABLE) from None
+        try:
+            hello = self._decode(await asyncio.wait_for(socket.recv(), self.options.connect_timeout))
+        except failures as exc:
+            await socket.close()
+            raise SubmitError(
+                f"no greeting on the relay's WebSocket {url}: {exc}", EXIT_UNREACHABLE
+            ) from None
         if hello.get("type") != "relay.hello":
             await socket.close()
             raise SubmitError(
