@@ -331,9 +331,9 @@ class PlainRenderer:
         kind = event["type"]
         if kind == "relay.queued":
             self._line(f"queued: {view.total} steps (prompt {view.prompt_id})")
-        elif kind == "relay.queue" and view.phase == "queued" and view.queue and not self._announced_queue:
-            self._announced_queue = view.queue > 1
-            if self._announced_queue:
+        elif kind == "relay.queue" and view.phase == "queued" and (view.queue or 0) > 1:
+            if not self._announced_queue:  # once: later changes of the count are not news enough
+                self._announced_queue = True
                 self._line(f"waiting in ComfyUI's queue ({view.queue} prompts queued or running)")
         elif kind == "relay.started":
             cached = [s for s in view.steps.values() if s.state == "cached"]

@@ -8,6 +8,7 @@ watch surviving a cut connection (resumed) and a relay restart (learned from Com
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import pty
@@ -22,7 +23,7 @@ from PIL import Image
 
 from relay.emulator import EmulatorConfig, RunningEmulator
 from relay.server import RunningRelay, run_relay
-from relay.terminal import bar, display_width, duration, fit
+from relay.terminal import PlainRenderer, RunView, bar, display_width, duration, fit
 from tests.conftest import relay_config
 from tests.netcut import forwarder
 from tests.test_emulator_cli import free_port
@@ -325,3 +326,45 @@ def test_text_width_and_bars() -> None:
     assert bar(0.55, 10) == "█████▌░░░░"
     assert bar(1.2, 4) == "████"
     assert (duration(2.84), duration(65), duration(3725)) == ("2.8 s", "1 m 05 s", "1 h 02 m")
+
+
+def test_plain_lines_for_a_queued_then_cached_run() -> None:
+    """Waiting behind others is said once; cached steps are counted; the end names the output."""
+    out = io.StringIO()
+    view = RunView("p1")
+    renderer = PlainRenderer(view, out, base_url="http://relay:8190/")
+    steps = [{"node": "1", "name": "load"}, {"node": "2", "name": "save"}]
+    for event in [
+        {"type": "relay.queued", "prompt_id": "p1", "total": 2, "steps": steps},
+        {"type": "relay.queue", "remaining": 3},
+        {"type": "relay.queue", "remaining": 2},
+        {"type": "relay.started", "prompt_id": "p1", "total": 2, "cached": ["1"], "queued_for": 4.2},
+        {
+            "type": "relay.step",
+            "prompt_id": "p1",
+            "node": "2",
+            "name": "save",
+            "index": 2,
+            "state": "running",
+            "elapsed": 0.0,
+            "percent": 50.0,
+        },
+        {
+            "type": "relay.done",
+            "prompt_id": "p1",
+            "status": "success",
+            "elapsed": 0.3,
+            "percent": 100.0,
+            "outputs": {"2": {"images": [{"filename": "a b.png", "subfolder": "", "type": "output"}]}},
+        },
+        {"type": "relay.done", "prompt_id": "p1", "status": "error"},  # a second account changes nothing
+    ]:
+        renderer.event(event)
+    assert out.getvalue().splitlines() == [
+        "queued: 2 steps (prompt p1)",
+        "waiting in ComfyUI's queue (3 prompts queued or running)",
+        "started after 4.2 s in the queue; 1 steps cached",
+        "[2/2] save (elapsed 0.0 s, 50.0%)",
+        "✓ done in 0.3 s",
+        "output: http://relay:8190/view?filename=a+b.png&subfolder=&type=output",
+    ]

@@ -12,7 +12,6 @@
 // what was missed (it restarted), it rebuilds from the relay's snapshot and, for prompts the
 // relay no longer knows, from ComfyUI's history. docs/client.md describes it all.
 
-const TERMINAL = new Set(["success", "error", "interrupted", "cancelled"]);
 const FILE_KEYS = ["images", "gifs", "video", "videos", "audio", "files", "meshes", "3d"];
 
 function randomId() {
