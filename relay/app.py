@@ -1,7 +1,9 @@
-"""The relay's ASGI app: ``/ws`` for browsers, ``POST /prompt``, previews, health.
+"""The relay's ASGI app: ``/ws`` for browsers, ``POST /prompt``, previews, health, metrics.
 
 The lifespan owns every long-lived resource (the HTTP client to ComfyUI, the client
-sessions and their sockets) and closes them in order.
+sessions and their sockets) and closes them in order. In front of the routes, outermost
+first: request ids, access logs and HTTP metrics (:mod:`relay.telemetry`); CORS, when
+origins are allowed; the token, origin and request-limit rules (:mod:`relay.access`).
 """
 
 from __future__ import annotations
@@ -12,24 +14,27 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import structlog
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from relay import __version__
+from relay.access import AccessControl, choose_subprotocol
 from relay.comfy import ComfyClient
 from relay.config import RelayConfig
 from relay.errors import (
     CLOSE_BAD_REQUEST,
     CLOSE_GOING_AWAY,
+    CLOSE_TOO_MANY,
     BadRequest,
     PayloadTooLarge,
     RelayError,
@@ -37,12 +42,15 @@ from relay.errors import (
 )
 from relay.eta import Durations, durations_file
 from relay.fanout import RAW_SEND, Mode, Outgoing, RawSend, Subscriber
+from relay.health import Readiness
 from relay.i18n import LANGUAGES, Localized
+from relay.metrics import CONTENT_TYPE, Metrics, workflow_label
 from relay.page import page_routes
 from relay.plans import build_plan, failed_outputs
 from relay.proxy import proxy_routes
 from relay.sessions import ClientSession, Sessions
 from relay.streaming import StreamingClient
+from relay.telemetry import Telemetry
 from relay.uploads import upload_routes
 from relay.workflows import Library, Workflow, default_folder
 
@@ -73,7 +81,12 @@ class RelayState:
             max_connections=config.http_max_connections,
         )
         self.durations = Durations(durations_file(config.eta_file))
-        self.sessions = Sessions(config, self.comfy, self.durations)
+        self.metrics = Metrics()
+        self.sessions = Sessions(config, self.comfy, self.durations, self.metrics)
+        self.metrics.watch(lambda: self.sessions)
+        self.readiness = Readiness(self.comfy, self.metrics, timeout=config.ready_timeout)
+        # Browser sockets open now (RELAY_MAX_CONNECTIONS).
+        self.connections = 0
         self.closing = False
 
     async def start(self) -> None:
@@ -97,7 +110,15 @@ class RelayState:
 # WebSocket ---------------------------------------------------------------------------------
 
 
-def _socket_params(websocket: WebSocket) -> tuple[str | None, Mode, int | None, str | None, str | None]:
+class SocketParams(NamedTuple):
+    client_id: str | None
+    mode: Mode
+    since: int | None
+    epoch: str | None
+    lang: str | None
+
+
+def _socket_params(websocket: WebSocket) -> SocketParams:
     """clientId, events, since, epoch and lang from the query string.
 
     Raises:
@@ -124,43 +145,79 @@ def _socket_params(websocket: WebSocket) -> tuple[str | None, Mode, int | None, 
     if lang is not None and lang not in LANGUAGES:
         raise BadRequest(f"lang must be one of {', '.join(LANGUAGES)}", "bad_lang")
     mode: Mode = "relay" if events == "relay" else "comfy" if events == "comfy" else "all"
-    return client_id, mode, since, query.get("epoch"), lang
+    return SocketParams(client_id, mode, since, query.get("epoch"), lang)
+
+
+async def _refuse(websocket: WebSocket, code: int, kind: str, message: str) -> None:
+    """Accept, say why in a ``relay.error`` frame (browsers see no handshake refusal), close."""
+    await websocket.accept(subprotocol=choose_subprotocol(websocket.scope.get("subprotocols") or []))
+    error = {"type": "relay.error", "code": kind, "message": message}
+    await websocket.send_text(orjson.dumps(error).decode())
+    await websocket.close(code, message[:120])
 
 
 async def relay_socket(websocket: WebSocket) -> None:
     state: RelayState = websocket.app.state.relay
     config = state.config
     try:
-        client_id, mode, since, epoch, lang = _socket_params(websocket)
+        params = _socket_params(websocket)
     except BadRequest as problem:
-        await websocket.accept()
-        error = {"type": "relay.error", "code": problem.kind, "message": problem.message}
-        await websocket.send_text(orjson.dumps(error).decode())
-        await websocket.close(CLOSE_BAD_REQUEST, problem.message[:120])
+        await _refuse(websocket, CLOSE_BAD_REQUEST, problem.kind, problem.message)
         return
     if state.closing:
         await websocket.close(CLOSE_GOING_AWAY)
         return
-    await websocket.accept()
-    assigned = client_id is None
-    client_id = client_id or uuid.uuid4().hex
+    assigned = params.client_id is None
+    client_id = params.client_id or uuid.uuid4().hex
+    existing = state.sessions.find(client_id)
+    if state.connections >= config.max_connections:
+        state.metrics.refused.labels("connections_total").inc()
+        log.warning("socket refused: connection limit", client_id=client_id, limit=config.max_connections)
+        await _refuse(websocket, CLOSE_TOO_MANY, "too_many_connections",
+                      "the relay has too many open sockets; retry later")  # fmt: skip
+        return
+    if existing is not None and len(existing.channel.subscribers) >= config.max_connections_per_client:
+        state.metrics.refused.labels("connections_per_client").inc()
+        log.info("socket refused: per-client limit", client_id=client_id,
+                 limit=config.max_connections_per_client)  # fmt: skip
+        message = f"this client id already has {config.max_connections_per_client} open sockets"
+        await _refuse(websocket, CLOSE_TOO_MANY, "too_many_connections", message)
+        return
+    await websocket.accept(subprotocol=choose_subprotocol(websocket.scope.get("subprotocols") or []))
+    state.connections += 1
+    try:
+        with structlog.contextvars.bound_contextvars(client_id=client_id):
+            await _serve_socket(state, websocket, client_id, params, assigned=assigned)
+    finally:
+        state.connections -= 1
+
+
+async def _serve_socket(
+    state: RelayState, websocket: WebSocket, client_id: str, params: SocketParams, *, assigned: bool
+) -> None:
+    mode, since, lang = params.mode, params.since, params.lang
     session = state.sessions.get(client_id)
     subscriber = Subscriber(
-        websocket, mode=mode, limit=config.subscriber_queue, send=websocket.scope.get(RAW_SEND), lang=lang
+        websocket,
+        mode=mode,
+        limit=state.config.subscriber_queue,
+        send=websocket.scope.get(RAW_SEND),
+        lang=lang,
     )
     session.upstream.start()
-    _greet(session, subscriber, since=since, epoch=epoch, assigned=assigned)
+    _greet(session, subscriber, since=since, epoch=params.epoch, assigned=assigned)
     # Greeting and replay were queued with no await since reading the ring: joining now
     # leaves neither a gap nor a duplicate between replayed and live events.
     session.add(subscriber)
     subscriber.start()
-    log.info("client connected", client_id=client_id, events=mode, since=since, lang=lang)
+    log.info("client connected", events=mode, since=since, lang=lang)
     try:
         await _read_client(session, subscriber)
     finally:
         session.remove(subscriber)
         subscriber.stop()
-        log.info("client disconnected", client_id=client_id)
+        state.metrics.retire(subscriber)
+        log.info("client disconnected", coalesced=subscriber.coalesced, dropped=subscriber.dropped)
 
 
 def _greet(
@@ -170,6 +227,10 @@ def _greet(
     lang = subscriber.lang
     replay = channel.since(since, lang) if since is not None and epoch in (None, channel.epoch) else None
     resumed = replay is not None
+    if since is not None:
+        session.metrics.resumes.labels("replayed" if resumed else "gap").inc()
+        if replay:
+            session.metrics.replayed.inc(len(replay))
     if subscriber.wants_relay:
         upstream = session.upstream.state
         hello = {
@@ -341,6 +402,7 @@ async def _submit(
             raise
         if answer.status != 200:
             session.translator.reject(prompt_id)
+            state.metrics.prompts.labels("rejected", workflow_label(workflow_name)).inc()
             return Response(answer.content, status_code=answer.status, media_type=answer.content_type)
         accepted = answer.json()
         skip = failed_outputs(accepted.get("node_errors"))
@@ -386,7 +448,39 @@ async def get_preview(request: Request) -> Response:
 
 
 async def healthz(request: Request) -> Response:
+    """The process is alive and serving (no I/O: a liveness probe must not fail for others' sake)."""
     return _json({"status": "ok", "version": __version__})
+
+
+async def readyz(request: Request) -> Response:
+    """Whether to send this relay traffic: accepting, with room, and ComfyUI answering."""
+    state: RelayState = request.app.state.relay
+
+    def unready(reason: str, message: str, **more: Any) -> Response:
+        return _json({"status": "unready", "reason": reason, "message": message, **more}, 503)
+
+    if state.closing:
+        return unready("shutting_down", "the relay is shutting down")
+    if state.connections >= state.config.max_connections:
+        return unready("at_capacity", f"{state.connections} sockets open, the limit is reached")
+    check = await state.readiness.comfyui()
+    if not check.reachable:
+        return unready(
+            "comfyui_unreachable", check.problem or "ComfyUI did not answer", comfyui=check.public()
+        )
+    return _json(
+        {
+            "status": "ready",
+            "version": __version__,
+            "comfyui": check.public(),
+            "connections": state.connections,
+        }
+    )
+
+
+async def metrics(request: Request) -> Response:
+    state: RelayState = request.app.state.relay
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
 
 async def _relay_error(request: Request, exc: Exception) -> Response:
@@ -419,7 +513,9 @@ def routes() -> list[BaseRoute]:
         Route("/workflows/{name}", get_workflow, methods=["GET"]),
         Route("/workflows/{name}/prompt", post_workflow_prompt, methods=["POST"]),
         Route("/previews/{client_id}/{prompt_id}/{node}", get_preview, methods=["GET"]),
-        Route("/healthz", healthz, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET", "HEAD"]),
+        Route("/readyz", readyz, methods=["GET", "HEAD"]),
+        Route("/metrics", metrics, methods=["GET"]),
         *proxy_routes(),
         *upload_routes(),
         *page_routes(),
@@ -441,9 +537,23 @@ def create_app(config: RelayConfig | None = None) -> Starlette:
             await state.stop()
             log.info("relay stopped")
 
+    route_list = routes()
+    middleware = [Middleware(Telemetry, metrics=state.metrics, routes=route_list)]
+    if config.origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=["*"] if "*" in config.origins else list(config.origins),
+                allow_methods=["GET", "HEAD", "POST", "OPTIONS"],
+                allow_headers=["Authorization", "Content-Type", "X-Client-Id", "X-Request-ID"],
+                expose_headers=["X-Request-ID"],
+                max_age=600,
+            )
+        )
+    middleware += [Middleware(AccessControl, config=config, metrics=state.metrics), Middleware(RawSend)]
     app = Starlette(
-        routes=routes(),
-        middleware=[Middleware(RawSend)],
+        routes=route_list,
+        middleware=middleware,
         lifespan=lifespan,
         exception_handlers={RelayError: _relay_error, HTTPException: _http_error, Exception: _unexpected},
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal
@@ -12,6 +13,9 @@ from relay.i18n import LANGUAGES
 __all__ = ["DESCRIPTIONS", "ENV_NAMES", "ConfigError", "RelayConfig"]
 
 LogFormat = Literal["console", "json"]
+
+# A token travels in headers, URLs and WebSocket subprotocols: it must be plain in all three.
+_TOKEN = re.compile(r"[A-Za-z0-9._~-]{16,}")
 
 
 class ConfigError(ValueError):
@@ -65,6 +69,24 @@ class RelayConfig:
     # Where learned step durations (for eta) are kept: "default" for the user's state folder
     # (~/.local/state/comfy-relay/durations.json), "" to keep them in memory only.
     eta_file: str = "default"
+    # Access control (off by default)
+    # A shared secret every request and socket must carry ("" for none); /healthz, /readyz,
+    # /metrics and the page's static files stay open.
+    token: str = ""
+    # Browser origins allowed to open /ws, send state-changing requests and read answers
+    # (CORS), comma-separated; "*" for any. Empty: only the relay's own origin.
+    allowed_origins: str = ""
+    # Limits on connections
+    # Browser sockets in total, and per client id (tabs sharing one id); over either: 4429.
+    max_connections: int = 10_000
+    max_connections_per_client: int = 64
+    # HTTP requests in progress at once; over it: 429 (probes and metrics are not counted).
+    max_http_requests: int = 1_000
+    # Operations
+    # Seconds /readyz waits for ComfyUI before calling it unreachable.
+    ready_timeout: float = 2.0
+    # Seconds open requests and sockets get to finish on shutdown (SIGTERM) before being cut.
+    shutdown_grace: int = 10
 
     def __post_init__(self) -> None:
         if not self.comfyui_url.startswith(("http://", "https://")):
@@ -78,6 +100,28 @@ class RelayConfig:
             raise ConfigError(f"RELAY_LANGUAGE must be one of {', '.join(LANGUAGES)}, not {self.language!r}")
         if self.ring_size < 1 or self.subscriber_queue < 8:
             raise ConfigError("ring_size must be at least 1 and subscriber_queue at least 8")
+        if self.token and not _TOKEN.fullmatch(self.token):
+            raise ConfigError(
+                "RELAY_TOKEN must be at least 16 characters of A-Z, a-z, 0-9, '.', '_', '~' and '-' "
+                "(for example: python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        for origin in self.origins:
+            if origin != "*" and not re.fullmatch(r"https?://[^/?#\s]+", origin):
+                raise ConfigError(
+                    f"RELAY_ALLOWED_ORIGINS: {origin!r} is not an origin (scheme://host[:port], no path)"
+                )
+        for name in ("max_connections", "max_connections_per_client", "max_http_requests"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if self.ready_timeout <= 0 or self.shutdown_grace < 0:
+            raise ConfigError("ready_timeout must be positive and shutdown_grace not negative")
+
+    @property
+    def origins(self) -> tuple[str, ...]:
+        """The allowed browser origins, lower-cased, without trailing slashes."""
+        return tuple(
+            item.strip().rstrip("/").lower() for item in self.allowed_origins.split(",") if item.strip()
+        )
 
     @property
     def comfyui_ws_url(self) -> str:
@@ -137,6 +181,13 @@ DESCRIPTIONS: dict[str, str] = {
     "workflows_dir": "folder of workflow files (default: the project's workflows/)",
     "language": "language of step names: ko or en (a tab may ask for another with ?lang=)",
     "eta_file": "file keeping learned step durations ('default': the user's state folder; '': none)",
+    "token": "shared secret required on every request and socket ('': no token)",
+    "allowed_origins": "browser origins allowed for /ws and CORS, comma-separated ('*': any, '': own)",
+    "max_connections": "most browser sockets in total",
+    "max_connections_per_client": "most browser sockets per client id",
+    "max_http_requests": "most HTTP requests in progress at once (more get 429)",
+    "ready_timeout": "seconds /readyz waits for ComfyUI",
+    "shutdown_grace": "seconds requests and sockets get to finish on shutdown",
 }
 
 ENV_NAMES: dict[str, str] = {
@@ -165,4 +216,11 @@ ENV_NAMES: dict[str, str] = {
     "workflows_dir": "RELAY_WORKFLOWS_DIR",
     "language": "RELAY_LANGUAGE",
     "eta_file": "RELAY_ETA_FILE",
+    "token": "RELAY_TOKEN",
+    "allowed_origins": "RELAY_ALLOWED_ORIGINS",
+    "max_connections": "RELAY_MAX_CONNECTIONS",
+    "max_connections_per_client": "RELAY_MAX_CONNECTIONS_PER_CLIENT",
+    "max_http_requests": "RELAY_MAX_HTTP_REQUESTS",
+    "ready_timeout": "RELAY_READY_TIMEOUT",
+    "shutdown_grace": "RELAY_SHUTDOWN_GRACE",
 }

@@ -18,8 +18,11 @@ from starlette.responses import Response
 
 __all__ = [
     "CLOSE_BAD_REQUEST",
+    "CLOSE_FORBIDDEN",
     "CLOSE_GOING_AWAY",
+    "CLOSE_TOO_MANY",
     "CLOSE_TOO_SLOW",
+    "CLOSE_UNAUTHORIZED",
     "BadRequest",
     "PayloadTooLarge",
     "RelayError",
@@ -32,6 +35,9 @@ __all__ = [
 CLOSE_GOING_AWAY = 1001  # the relay is shutting down
 CLOSE_TOO_SLOW = 1013  # the client fell too far behind; reconnect with ?since=
 CLOSE_BAD_REQUEST = 4400  # bad query parameters (clientId, events, since)
+CLOSE_UNAUTHORIZED = 4401  # no valid token (RELAY_TOKEN)
+CLOSE_FORBIDDEN = 4403  # the page's origin is not allowed (RELAY_ALLOWED_ORIGINS)
+CLOSE_TOO_MANY = 4429  # too many sockets, in total or for this client id; retry later
 
 
 class RelayError(Exception):

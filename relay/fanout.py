@@ -120,6 +120,16 @@ class Subscriber:
         return self.mode != "comfy"
 
     @property
+    def queued(self) -> int:
+        """Frames waiting to be written."""
+        return self._live
+
+    @property
+    def overflowed(self) -> bool:
+        """Whether this subscriber fell too far behind and was (or is being) closed."""
+        return self._overflowed
+
+    @property
     def wants_comfy(self) -> bool:
         return self.mode != "relay"
 

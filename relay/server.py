@@ -48,7 +48,7 @@ def uvicorn_config(app: Starlette, config: RelayConfig) -> uvicorn.Config:
         ws_max_size=config.max_client_frame,
         ws_ping_interval=config.ws_ping_interval or None,
         ws_ping_timeout=config.ws_ping_interval or None,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=config.shutdown_grace,
     )
 
 

@@ -22,6 +22,7 @@ from relay.config import RelayConfig
 from relay.errors import RelayError, UpstreamUnavailable
 from relay.eta import Durations
 from relay.fanout import Channel, Subscriber
+from relay.metrics import Metrics, workflow_label
 from relay.previews import PreviewStore
 from relay.protocol import BinaryEvent, ImageFormat, ProtocolError, decode_binary_frame, encode_preview
 from relay.translator import Translator
@@ -37,9 +38,17 @@ SESSION_TTL = 600.0
 
 class ClientSession:
     def __init__(
-        self, client_id: str, config: RelayConfig, comfy: ComfyClient, durations: Durations | None = None
+        self,
+        client_id: str,
+        config: RelayConfig,
+        comfy: ComfyClient,
+        durations: Durations | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.client_id = client_id
+        self.metrics = metrics or Metrics()
+        # The workflow of each prompt in flight, as metrics label it.
+        self._workflows: dict[str, str] = {}
         self.config = config
         self.comfy = comfy
         self.channel = Channel(client_id, ring_size=config.ring_size, language=config.language)
@@ -83,8 +92,24 @@ class ClientSession:
         for event in events:
             self.channel.publish(event)
             self._log(event)
+            self._count(event)
             if event["type"] == "relay.done" and self.durations is not None:
                 self.durations.save()  # what this run taught, kept across restarts
+
+    def _count(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        metrics = self.metrics
+        metrics.event(kind)
+        if kind == "relay.queued":
+            self._workflows[event["prompt_id"]] = workflow_label(event.get("workflow"))
+        elif kind == "relay.step" and event["state"] == "done" and "duration" in event:
+            workflow = self._workflows.get(event["prompt_id"], workflow_label(None))
+            metrics.step_seconds.labels(workflow).observe(event["duration"])
+        elif kind == "relay.done":
+            workflow = self._workflows.pop(event["prompt_id"], workflow_label(None))
+            metrics.prompts.labels(event["status"], workflow).inc()
+            if event["status"] != "cancelled":
+                metrics.prompt_seconds.labels(workflow).observe(event["elapsed"])
 
     def _log(self, event: dict[str, Any]) -> None:
         kind = event["type"]
@@ -120,8 +145,10 @@ class ClientSession:
     def on_frame(self, frame: str | bytes) -> None:
         now = time.monotonic()
         if isinstance(frame, str):
+            self.metrics.comfy_text.inc()
             self._on_text(frame, now)
         else:
+            self.metrics.comfy_binary.inc()
             self._on_binary(frame, now)
 
     def _on_text(self, frame: str, now: float) -> None:
@@ -188,10 +215,13 @@ class ClientSession:
     def on_state(self, state: State, attempt: int, reason: str | None) -> None:
         if state == "closed":
             return
+        if state == "down":
+            self.metrics.upstream_failures.inc()
         self.publish([{"type": "relay.upstream", "state": state, "attempt": attempt, "reason": reason}])
 
     async def on_connected(self, reconnected: bool) -> None:
         if reconnected:
+            self.metrics.upstream_reconnects.inc()
             await self.reconcile()
 
     def needs_watch(self) -> bool:
@@ -248,10 +278,17 @@ class ClientSession:
 class Sessions:
     """Every client's session, and the reaper that closes idle upstream sockets."""
 
-    def __init__(self, config: RelayConfig, comfy: ComfyClient, durations: Durations | None = None) -> None:
+    def __init__(
+        self,
+        config: RelayConfig,
+        comfy: ComfyClient,
+        durations: Durations | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.config = config
         self.comfy = comfy
         self.durations = durations
+        self.metrics = metrics or Metrics()
         self._sessions: dict[str, ClientSession] = {}
         self._reaper: asyncio.Task[None] | None = None
 
@@ -259,7 +296,7 @@ class Sessions:
         session = self._sessions.get(client_id)
         if session is None:
             session = self._sessions[client_id] = ClientSession(
-                client_id, self.config, self.comfy, self.durations
+                client_id, self.config, self.comfy, self.durations, self.metrics
             )
         return session
 

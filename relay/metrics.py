@@ -1,0 +1,222 @@
+"""The relay's Prometheus metrics, served at ``GET /metrics``.
+
+Each app has its own registry (no process-wide state: tests run several relays in one
+process). Counters and histograms are updated where things happen; what is a state rather
+than an event (connections, upstream sockets by state, queue depths) is read from the live
+sessions when Prometheus scrapes, so the hot paths pay nothing for it.
+
+No label carries a client id or prompt id: label values come from small fixed sets (event
+types, statuses, route templates) and the workflow names in ``workflows/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from relay import __version__
+
+if TYPE_CHECKING:
+    from relay.fanout import Subscriber
+    from relay.sessions import ClientSession
+
+__all__ = ["CONTENT_TYPE", "Metrics", "workflow_label"]
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# The label of prompts submitted as a bare graph rather than through a known workflow.
+CUSTOM_GRAPH = "custom"
+
+_STEP_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_PROMPT_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 300.0, 600.0, 1800.0)
+_HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def workflow_label(name: Any) -> str:
+    return name if isinstance(name, str) and name else CUSTOM_GRAPH
+
+
+class Metrics:
+    """Every metric of one relay, and the scrape-time view of its sessions."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        Gauge("relay_info", "The relay's version", ["version"], registry=registry).labels(__version__).set(1)
+        self.events = Counter(
+            "relay_events_total", "Relay events published to clients, by type", ["type"], registry=registry
+        )
+        self.comfy_frames = Counter(
+            "relay_comfyui_frames_total",
+            "Frames received on upstream ComfyUI sockets, by kind",
+            ["kind"],
+            registry=registry,
+        )
+        self.comfy_text = self.comfy_frames.labels("text")
+        self.comfy_binary = self.comfy_frames.labels("binary")
+        self.resumes = Counter(
+            "relay_resumes_total",
+            "Sockets that asked to resume with since=: replayed, or a gap (answered with snapshots)",
+            ["result"],
+            registry=registry,
+        )
+        self.replayed = Counter(
+            "relay_replayed_events_total", "Events replayed to resuming sockets", registry=registry
+        )
+        self.prompts = Counter(
+            "relay_prompts_total",
+            "Prompts that ended, by terminal status and workflow",
+            ["status", "workflow"],
+            registry=registry,
+        )
+        self.prompt_seconds = Histogram(
+            "relay_prompt_duration_seconds",
+            "Time from a prompt's start to its end, by workflow",
+            ["workflow"],
+            buckets=_PROMPT_BUCKETS,
+            registry=registry,
+        )
+        self.step_seconds = Histogram(
+            "relay_step_duration_seconds",
+            "Time each executed step took, by workflow",
+            ["workflow"],
+            buckets=_STEP_BUCKETS,
+            registry=registry,
+        )
+        self.http_requests = Counter(
+            "relay_http_requests_total",
+            "HTTP requests answered, by route template, method and status",
+            ["route", "method", "status"],
+            registry=registry,
+        )
+        self.http_seconds = Histogram(
+            "relay_http_request_duration_seconds",
+            "Time to answer HTTP requests (to the last byte), by route template",
+            ["route"],
+            buckets=_HTTP_BUCKETS,
+            registry=registry,
+        )
+        self.http_bytes = Counter(
+            "relay_http_bytes_total",
+            "Body bytes through the relay's HTTP routes, by route and direction (in: from clients)",
+            ["route", "direction"],
+            registry=registry,
+        )
+        self.upstream_reconnects = Counter(
+            "relay_upstream_reconnects_total",
+            "Upstream ComfyUI sockets opened again after being lost",
+            registry=registry,
+        )
+        self.upstream_failures = Counter(
+            "relay_upstream_failures_total",
+            "Upstream ComfyUI sockets lost or failed to open",
+            registry=registry,
+        )
+        self.refused = Counter(
+            "relay_refused_total",
+            "Requests and sockets refused by access rules or limits, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.comfyui_up = Gauge(
+            "relay_comfyui_up", "Whether ComfyUI answered the last readiness check", registry=registry
+        )
+        self._event_children: dict[str, Any] = {}
+        # What subscribers that have gone counted; live ones are added at scrape time.
+        self.retired_coalesced = 0
+        self.retired_dropped = 0
+        self.slow_closed = 0
+
+    def watch(self, sessions: Callable[[], Iterable[ClientSession]]) -> None:
+        """Report the live state of these sessions at every scrape."""
+        self.registry.register(_LiveState(self, sessions))
+
+    def event(self, event_type: str) -> None:
+        child = self._event_children.get(event_type)
+        if child is None:
+            child = self._event_children[event_type] = self.events.labels(event_type)
+        child.inc()
+
+    def retire(self, subscriber: Subscriber) -> None:
+        """A socket closed: keep what its queue counted."""
+        self.retired_coalesced += subscriber.coalesced
+        self.retired_dropped += subscriber.dropped
+        self.slow_closed += subscriber.overflowed
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _LiveState:
+    """Gauges read from the sessions when Prometheus scrapes."""
+
+    def __init__(self, metrics: Metrics, sessions: Callable[[], Iterable[ClientSession]]) -> None:
+        self._metrics = metrics
+        self._sessions = sessions
+
+    def collect(self) -> Iterator[Metric]:
+        connections = GaugeMetricFamily(
+            "relay_browser_connections",
+            "Open browser sockets, by the events they asked for",
+            labels=["events"],
+        )
+        upstreams = GaugeMetricFamily(
+            "relay_upstream_sockets", "Upstream ComfyUI sockets, by state", labels=["state"]
+        )
+        prompts = GaugeMetricFamily(
+            "relay_active_prompts", "Prompts the relay is following, by phase", labels=["phase"]
+        )
+        by_mode = {"relay": 0, "comfy": 0, "all": 0}
+        by_state = {"connecting": 0, "connected": 0, "down": 0}
+        by_phase = {"queued": 0, "running": 0}
+        clients = depth = deepest = coalesced = dropped = 0
+        for session in self._sessions():
+            clients += 1
+            for subscriber in session.channel.subscribers:
+                by_mode[subscriber.mode] += 1
+                queued = subscriber.queued
+                depth += queued
+                deepest = max(deepest, queued)
+                coalesced += subscriber.coalesced
+                dropped += subscriber.dropped
+            if session.upstream.state in by_state:
+                by_state[session.upstream.state] += 1
+            queued_ids = session.translator.queued()
+            for prompt_id in session.translator.active():
+                by_phase["queued" if prompt_id in queued_ids else "running"] += 1
+        for mode, count in by_mode.items():
+            connections.add_metric([mode], count)
+        for state, count in by_state.items():
+            upstreams.add_metric([state], count)
+        for phase, count in by_phase.items():
+            prompts.add_metric([phase], count)
+        yield connections
+        yield upstreams
+        yield prompts
+        yield GaugeMetricFamily("relay_clients", "Client ids with a session on this relay", value=clients)
+        yield GaugeMetricFamily(
+            "relay_subscriber_queue_frames", "Frames waiting in all browser sockets' queues", value=depth
+        )
+        yield GaugeMetricFamily(
+            "relay_subscriber_queue_frames_max", "Frames waiting in the fullest socket's queue", value=deepest
+        )
+        metrics = self._metrics
+        yield CounterMetricFamily(
+            "relay_events_coalesced",
+            "Queued progress/preview frames replaced by a newer one for a slow socket",
+            value=metrics.retired_coalesced + coalesced,
+        )
+        yield CounterMetricFamily(
+            "relay_events_dropped",
+            "Queued progress/preview frames dropped from a full socket queue",
+            value=metrics.retired_dropped + dropped,
+        )
+        yield CounterMetricFamily(
+            "relay_slow_sockets_closed",
+            "Browser sockets closed (1013) because they fell too far behind",
+            value=metrics.slow_closed,
+        )
