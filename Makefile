@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8190
 COMFYUI_PORT ?= 8188
 
-.PHONY: help venv browser lint format test test-fast demo emulator clean
+.PHONY: help venv browser tools lint format test test-fast demo emulator clean
 
 help:
 	@echo "make demo      run the relay on http://$(HOST):$(PORT) with the built-in ComfyUI emulator"
@@ -30,6 +30,10 @@ venv: $(STAMP)
 browser:
 	@bash scripts/install-browser.sh
 
+# wscat, for tests/test_wscat.py and for looking at a relay by hand (build/tools/node_modules/.bin).
+tools:
+	@bash scripts/install-wscat.sh
+
 lint: $(STAMP)
 	$(BIN)/ruff check relay tests bench
 	$(BIN)/ruff format --check relay tests bench
@@ -39,7 +43,7 @@ format: $(STAMP)
 	$(BIN)/ruff format relay tests bench
 	$(BIN)/ruff check --fix relay tests bench
 
-test: lint browser
+test: lint browser tools
 	$(BIN)/pytest
 
 test-fast: $(STAMP)
