@@ -183,7 +183,7 @@ async def _demo(args: argparse.Namespace) -> None:
                 f"Run one and watch its steps (in another terminal):\n"
                 f"  {_command_path()} submit portrait_mode --watch --relay {relay.url}\n"
                 f"Watch a client's events:\n"
-                f"  wscat -c '{relay.ws_url}?clientId=demo'\n"
+                f"  {_wscat_command()} -c '{relay.ws_url}?clientId=demo'\n"
                 f"Submit the example text-to-image graph:\n"
                 f"  curl -s -X POST {relay.url}/prompt -H 'Content-Type: application/json' \\\n"
                 f'       -d "{example}$(cat {_EXAMPLE})}}"\n\n'
@@ -209,6 +209,12 @@ def _command_path() -> str:
     with contextlib.suppress(ValueError):
         return str(script.relative_to(Path.cwd()))
     return str(script)
+
+
+def _wscat_command() -> str:
+    """wscat as `make tools` installs it in this checkout, else from the path."""
+    local = Path("build/tools/node_modules/.bin/wscat")
+    return str(local) if local.exists() else "wscat"
 
 
 def _relay_argument(parser: argparse.ArgumentParser) -> None:

@@ -75,10 +75,12 @@ class Page:
         page.on("pageerror", lambda error: self.errors.append(str(error)))
 
     @classmethod
-    async def open(cls, browser: Any, relay: RunningRelay, *, viewport: dict[str, int] = DESKTOP) -> Page:
+    async def open(
+        cls, browser: Any, relay: RunningRelay, *, viewport: dict[str, int] = DESKTOP, path: str = "/"
+    ) -> Page:
         context = await browser.new_context(viewport=viewport, locale="ko-KR")
         page = cls(await context.new_page(), relay.url)
-        await page.page.goto(relay.url + "/")
+        await page.page.goto(relay.url + path)
         await page.page.wait_for_selector("#workflow option[value=portrait_mode]", state="attached")
         await page.page.wait_for_selector('#connection[data-state="connected"]')
         return page
@@ -278,3 +280,23 @@ async def test_relay_restart_mid_run_ends_from_history(browser: Any, emulator: R
         await page.result_loaded()
         assert "재연결 후" in (await page.page.text_content("#run-error") or "")
     assert page.errors == []
+
+
+async def test_page_with_a_token(browser: Any, emulator: RunningEmulator) -> None:
+    """A relay with RELAY_TOKEN: the page opened as /#token=... runs a job and shows its image; the token
+    leaves the address bar, and the socket carries it as a subprotocol, not in its URL."""
+    token = "browser-token-0123456789abcdef"
+    async with run_relay(relay_config(emulator, token=token)) as relay:
+        page = await Page.open(browser, relay, path=f"/#token={token}")
+        assert token not in page.page.url
+        sockets: list[str] = []
+        page.page.on("websocket", lambda socket: sockets.append(socket.url))
+        await page.submit(seed=701)
+        assert await page.done() == "success"
+        await page.result_loaded()
+        # A reload keeps working: the token stays with the tab (sessionStorage), not the URL.
+        await page.page.reload()
+        await page.page.wait_for_selector('#connection[data-state="connected"]')
+        assert sockets
+        assert all(token not in url for url in sockets)
+        assert page.errors == []

@@ -235,6 +235,13 @@ def test_every_setting_is_in_the_config_map() -> None:
     assert config.log_format == "json"
 
 
+def test_deploy_guide_names_every_setting() -> None:
+    """docs/deploy.md has a row for each environment variable, the token included."""
+    guide = (ROOT / "docs" / "deploy.md").read_text()
+    missing = [env for env in ENV_NAMES.values() if f"| `{env}` |" not in guide]
+    assert missing == []
+
+
 def test_overlay_points_at_in_cluster_comfyui() -> None:
     """The overlay sets ComfyUI's cluster DNS name, a namespace, an image, and the ingress with affinity."""
     docs = render(DEPLOY / "overlays" / "in-cluster-comfyui")

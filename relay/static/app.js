@@ -96,7 +96,18 @@ function clientId() {
   return id;
 }
 
-const relay = new RelayClient({ clientId: clientId(), lang });
+// A relay with RELAY_TOKEN set is opened as /#token=...: the fragment never reaches a server
+// or a log. The token is kept for this tab only and taken out of the address bar.
+function accessToken() {
+  const fromHash = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (fromHash) {
+    sessionStorage.setItem("comfy-relay.token", fromHash);
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  return sessionStorage.getItem("comfy-relay.token");
+}
+
+const relay = new RelayClient({ clientId: clientId(), lang, token: accessToken() });
 const $ = (id) => document.getElementById(id);
 
 function h(tag, attrs = {}, ...children) {
@@ -217,7 +228,7 @@ function renderForm() {
     } else if (spec.type === "choice") {
       input = h("select", { id, name }, spec.choices.map((c) => h("option", { value: c, selected: c === spec.default }, c)));
     } else if (spec.type === "image") {
-      const thumb = h("img", { alt: "", id: `${id}-thumb`, src: `/view?filename=${encodeURIComponent(spec.default || "")}&type=input` });
+      const thumb = h("img", { alt: "", id: `${id}-thumb`, src: relay.url(`/view?filename=${encodeURIComponent(spec.default || "")}&type=input`) });
       input = h("input", { id, name, type: "file", accept: "image/*" });
       input.addEventListener("change", () => {
         if (input.files[0]) thumb.src = URL.createObjectURL(input.files[0]);

@@ -183,7 +183,6 @@ export class RelayClient {
     url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
     url.searchParams.set("clientId", this.clientId);
     if (this.lang) url.searchParams.set("lang", this.lang);
-    if (this.token) url.searchParams.set("token", this.token);
     if (this.lastSeq != null && this.epoch) {
       url.searchParams.set("since", String(this.lastSeq));
       url.searchParams.set("epoch", this.epoch);
@@ -195,7 +194,10 @@ export class RelayClient {
     this._setState(this._everConnected ? "reconnecting" : "connecting", { attempt: this._attempt });
     let socket;
     try {
-      socket = new WebSocket(this._wsUrl());
+      // The token rides as a subprotocol, which keeps it out of URLs and access logs; the relay
+      // selects "comfy-relay" in answer.
+      const protocols = this.token ? ["comfy-relay", `comfy-relay.token.${this.token}`] : undefined;
+      socket = new WebSocket(this._wsUrl(), protocols);
     } catch (error) {
       this._retry();
       return;
@@ -481,9 +483,14 @@ export class RelayClient {
 
   // HTTP -----------------------------------------------------------------------------------
 
-  /** An absolute URL for a path the relay gave (a /view or /previews URL). */
+  /**
+   * An absolute URL for a path the relay gave (a /view or /previews URL), for an <img> or a
+   * link: with the token in its query when the relay needs one, since those send no headers.
+   */
   url(path) {
-    return new URL(path, this.baseUrl + "/").toString();
+    const url = new URL(path, this.baseUrl + "/");
+    if (this.token) url.searchParams.set("token", this.token);
+    return url.toString();
   }
 
   async _fetch(method, path, { json, body, headers = {} } = {}) {
