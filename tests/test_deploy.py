@@ -24,7 +24,8 @@ import yaml
 from relay.app import routes
 from relay.config import ENV_NAMES, RelayConfig
 from relay.emulator import RunningEmulator
-from tests.test_logs import free_port
+from tests.test_emulator_cli import free_port
+from tests.test_logs import until_ready
 
 ROOT = Path(__file__).parents[1]
 DEPLOY = ROOT / "deploy"
@@ -158,15 +159,7 @@ async def test_what_the_image_installs_runs_with_the_deploy_settings(
     )  # fmt: skip
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
-            async with asyncio.timeout(30):
-                while True:
-                    assert process.returncode is None, "the relay stopped"
-                    try:
-                        if (await http.get("/readyz")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await asyncio.sleep(0.1)
+            await until_ready(http, process)
             assert (await http.get("/healthz")).status_code == 200
             assert (await http.get("/")).status_code == 200
             assert (await http.get("/static/relay-client.js")).status_code == 200

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from typing import Any
@@ -15,15 +14,22 @@ import httpx
 
 from relay.emulator import RunningEmulator
 from tests.relay_client import open_tab
+from tests.test_emulator_cli import free_port
 
 TOKEN = "log-test-token-0123456789abcdef"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+async def until_ready(http: httpx.AsyncClient, process: asyncio.subprocess.Process) -> None:
+    """Wait for a relay process to answer /readyz with 200."""
+    async with asyncio.timeout(30):
+        while True:
+            assert process.returncode is None, "the relay stopped"
+            try:
+                if (await http.get("/readyz")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)
 
 
 async def test_json_logs_parse_line_by_line_with_context(emulator: RunningEmulator) -> None:
@@ -37,14 +43,7 @@ async def test_json_logs_parse_line_by_line_with_context(emulator: RunningEmulat
     url = f"http://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-            async with asyncio.timeout(20):
-                while True:
-                    try:
-                        if (await http.get("/readyz")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    await asyncio.sleep(0.1)
+            await until_ready(http, process)
             tab = await open_tab(f"ws://127.0.0.1:{port}/ws", f"clientId=logs&token={TOKEN}")
             await tab.wait_type("relay.hello")
             response = await http.post(
