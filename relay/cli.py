@@ -222,6 +222,12 @@ def _relay_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--relay", default=default, metavar="URL", help="the relay's URL [env COMFY_RELAY_URL, %(default)s]"
     )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("COMFY_RELAY_TOKEN") or None,
+        metavar="TOKEN",
+        help="the relay's token, when it requires one [env COMFY_RELAY_TOKEN, preferred: flags show in ps]",
+    )
 
 
 def _submit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -273,6 +279,7 @@ def _run_submit(args: argparse.Namespace) -> int:
         params=tuple(args.param),
         client_id=args.client_id,
         lang=args.lang,
+        token=args.token,
         watch=args.watch,
         progress=args.progress,
         reconnect_for=args.reconnect_for,
@@ -296,7 +303,7 @@ def _workflows_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def _run_workflows(args: argparse.Namespace) -> int:
-    return asyncio.run(list_workflows(args.relay, args.lang))
+    return asyncio.run(list_workflows(args.relay, args.lang, token=args.token))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -83,6 +83,8 @@ class SubmitOptions:
     params: Sequence[str] = ()
     client_id: str | None = None
     lang: str | None = None
+    # For a relay with RELAY_TOKEN: sent as a bearer header on every request and socket.
+    token: str | None = None
     watch: bool = False
     progress: str = "auto"  # auto, live, plain
     # Timeouts
@@ -175,6 +177,10 @@ def _error_text(response: httpx.Response) -> str:
     return str(error or body)[:300]
 
 
+def _auth(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _ws_url(relay_url: str) -> str:
     parts = urlsplit(relay_url)
     scheme = "wss" if parts.scheme == "https" else "ws"
@@ -225,7 +231,8 @@ class _Submission:
             known = ", ".join(w["name"] for w in listing) or "none"
             raise SubmitError(f"the relay knows no workflow named {name!r} (it knows: {known})", EXIT_REFUSED)
         if response.status_code != 200:
-            raise SubmitError(f"GET /workflows/{name}: {_error_text(response)}", EXIT_UNREACHABLE)
+            code = EXIT_REFUSED if 400 <= response.status_code < 500 else EXIT_UNREACHABLE
+            raise SubmitError(f"GET /workflows/{name}: {_error_text(response)}", code)
         spec = response.json()
         declared = spec.get("parameters", {})
         values: dict[str, Any] = {}
@@ -306,7 +313,12 @@ class _Submission:
         url = f"{_ws_url(self.options.relay_url)}?{urlencode(query)}"
         failures = (OSError, TimeoutError, websockets.InvalidHandshake, websockets.ConnectionClosed)
         try:
-            socket = await connect(url, open_timeout=self.options.connect_timeout, max_size=2**24)
+            socket = await connect(
+                url,
+                open_timeout=self.options.connect_timeout,
+                max_size=2**24,
+                additional_headers=_auth(self.options.token),
+            )
         except failures as exc:
             raise SubmitError(f"cannot open the relay's WebSocket {url}: {exc}", EXIT_UNREACHABLE) from None
         try:
@@ -316,6 +328,11 @@ class _Submission:
             raise SubmitError(
                 f"no greeting on the relay's WebSocket {url}: {exc}", EXIT_UNREACHABLE
             ) from None
+        if hello.get("type") == "relay.error":
+            await socket.close()
+            raise SubmitError(
+                f"the relay refused the socket ({hello.get('code')}): {hello.get('message')}", EXIT_REFUSED
+            )
         if hello.get("type") != "relay.hello":
             await socket.close()
             raise SubmitError(
@@ -478,7 +495,9 @@ async def run_submit(options: SubmitOptions, out: TextIO | None = None, err: Tex
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
     timeout = httpx.Timeout(60.0, connect=options.connect_timeout)
-    async with httpx.AsyncClient(base_url=options.relay_url, timeout=timeout) as http:
+    async with httpx.AsyncClient(
+        base_url=options.relay_url, timeout=timeout, headers=_auth(options.token)
+    ) as http:
         submission = _Submission(options, http, out)
         try:
             return await submission.run()
@@ -492,11 +511,13 @@ async def run_submit(options: SubmitOptions, out: TextIO | None = None, err: Tex
             raise
 
 
-async def list_workflows(relay_url: str, lang: str, out: TextIO | None = None) -> int:
+async def list_workflows(
+    relay_url: str, lang: str, out: TextIO | None = None, *, token: str | None = None
+) -> int:
     """Print the workflows a relay knows (``comfy-relay workflows``); the exit code."""
     out = out if out is not None else sys.stdout
     try:
-        async with httpx.AsyncClient(base_url=relay_url, timeout=10.0) as http:
+        async with httpx.AsyncClient(base_url=relay_url, timeout=10.0, headers=_auth(token)) as http:
             response = await http.get("/workflows")
             response.raise_for_status()
     except httpx.HTTPError as exc:

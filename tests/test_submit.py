@@ -368,3 +368,18 @@ def test_plain_lines_for_a_queued_then_cached_run() -> None:
         "✓ done in 0.3 s",
         "output: http://relay:8190/view?filename=a+b.png&subfolder=&type=output",
     ]
+
+
+async def test_submit_to_a_relay_with_a_token(emulator: RunningEmulator) -> None:
+    """With --token the run is submitted and watched to its end; without it the relay's refusal exits 2."""
+    token = "submit-token-0123456789abcdef"
+    async with run_relay(relay_config(emulator, token=token)) as relay:
+        code, _, err = await run_cli("submit", "text2img", "--relay", relay.url)
+        assert code == 2
+        assert "a valid token is required" in err
+        code, out, err = await run_cli("submit", "text2img", "-w", "--relay", relay.url, "--token", token)
+        assert code == 0, err
+        assert "done in" in out
+        code, out, _ = await run_cli("workflows", "--relay", relay.url, "--token", token)
+        assert code == 0
+        assert "text2img" in out
