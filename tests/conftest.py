@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -76,6 +78,15 @@ async def relay(emulator: RunningEmulator) -> AsyncIterator[RunningRelay]:
 async def relay_http(relay: RunningRelay) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=relay.url, timeout=30) as http:
         yield http
+
+
+def pytest_report_header() -> str:
+    """Name the Chromium the browser tests drive: a newer one has laid the page out differently before."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        return "chromium: not installed (the browser tests skip)"
+    found = subprocess.run([chromium, "--version"], capture_output=True, text=True, timeout=30, check=False)
+    return f"chromium: {found.stdout.strip() or 'version unknown'} ({chromium})"
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

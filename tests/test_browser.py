@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from relay.emulator import EmulatorConfig, RunningEmulator
+from relay.emulator.images import encode, generated_art
 from relay.server import RunningRelay, run_relay
 from tests.conftest import SCREENSHOTS, relay_config
 from tests.relay_client import open_tab
@@ -183,25 +184,167 @@ async def test_portrait_run_step_by_step(browser: Any, relay: RunningRelay) -> N
     assert page.errors == []
 
 
-async def test_phone_layout_and_english(browser: Any, relay: RunningRelay) -> None:
-    """On a phone-sized screen nothing overflows sideways; the language switch gives English names."""
-    page = await Page.open(browser, relay, viewport=PHONE)
-    await page.page.click("#lang-toggle")
-    await page.page.wait_for_selector('html[lang="en"]', state="attached")
-    await page.page.wait_for_selector('#connection[data-state="connected"]')
-    await page.page.wait_for_selector("#workflow option[value=portrait_mode]", state="attached")
-    assert await page.page.text_content("#submit") == "Generate"
+# Phone widths the page must fit: small Android phones, the common 360 px, and iPhones.
+PHONE_WIDTHS = (320, 360, 390)
+# Long unbroken text a user can put on the page: a photo's file name and a client id (64 is the
+# longest the page accepts).
+LONG_FILE_NAME = "IMG_20261202_183005_" + "HDR_portrait_edit_final_v2_" * 4 + ".png"
+LONG_CLIENT_ID = "team-kiosk-" + "0123456789abcdef" * 3 + "ffff-x"
+
+# What makes the page wider than its window. Each element that paints is hidden in turn, deepest
+# first, and the ones whose absence narrows the page are named by a CSS path with their width:
+# the element to fix, not the page-wide symptom. Only run when the page does overflow.
+OVERFLOW_REPORT = """() => {
+  const root = document.documentElement;
+  const overflow = () => root.scrollWidth - root.clientWidth;
+  const before = overflow();
+  if (before <= 0) return { overflow: before, culprits: [] };
+  const path = (el) => {
+    const parts = [];
+    for (let node = el; node && node !== document.body; node = node.parentElement) {
+      if (node.id) { parts.unshift("#" + CSS.escape(node.id)); break; }
+      let part = node.tagName.toLowerCase() + [...node.classList].map((c) => "." + CSS.escape(c)).join("");
+      const same = [...node.parentElement.children].filter((s) => s.tagName === node.tagName);
+      if (same.length > 1) part += `:nth-of-type(${same.indexOf(node) + 1})`;
+      parts.unshift(part);
+    }
+    return parts.join(" > ");
+  };
+  const found = [];
+  for (const el of [...document.body.querySelectorAll("*")].reverse()) {
+    if (!el.getClientRects().length || found.some((f) => el.contains(f.el))) continue;
+    const box = el.getBoundingClientRect();
+    const display = el.style.getPropertyValue("display");
+    const priority = el.style.getPropertyPriority("display");
+    el.style.setProperty("display", "none", "important");
+    const after = overflow();
+    el.style.setProperty("display", display, priority);
+    if (after < before) found.push({ el, gain: before - after, width: box.width, right: box.right });
+  }
+  found.sort((a, b) => b.gain - a.gain);
+  return {
+    overflow: before,
+    culprits: found.slice(0, 3).map((f) => ({
+      selector: path(f.el), width: Math.round(f.width), right: Math.round(f.right), gain: f.gain,
+    })),
+  };
+}"""
+
+
+async def assert_fits_phones(page: Page, moment: str) -> None:
+    """At every phone width, the page is no wider than the window; else name what widens it."""
+    for width in PHONE_WIDTHS:
+        await page.page.set_viewport_size({"width": width, "height": PHONE["height"]})
+        report = await page.page.evaluate(OVERFLOW_REPORT)
+        if report["overflow"] > 0:
+            lang = await page.page.get_attribute("html", "lang")
+            named = "; ".join(
+                f"{c['selector']} ({c['width']} px wide, right edge at {c['right']} px,"
+                f" hiding it narrows the page by {c['gain']} px)"
+                for c in report["culprits"]
+            )
+            raise AssertionError(
+                f"{moment}, {lang}, {width} px: the page is {report['overflow']} px wider than the"
+                f" window; {named or 'no single element accounts for it'}"
+            )
+
+
+@pytest.mark.parametrize("lang", ["ko", "en"])
+async def test_phone_layout(browser: Any, relay: RunningRelay, lang: str, tmp_path: Path) -> None:
+    """At 320, 360 and 390 px, in Korean and English, at start, mid-run and done, nothing is wider than
+    the screen, a long file name and client id included; the language switch gives English names."""
+    page = await Page.open(browser, relay, viewport=PHONE, path=f"/?clientId={LONG_CLIENT_ID}")
+    if lang == "en":
+        await page.page.click("#lang-toggle")
+        await page.page.wait_for_selector('html[lang="en"]', state="attached")
+        await page.page.wait_for_selector('#connection[data-state="connected"]')
+        await page.page.wait_for_selector("#workflow option[value=portrait_mode]", state="attached")
+        assert await page.page.text_content("#submit") == "Generate"
+    await page.page.select_option("#workflow", "portrait_mode")
+    await assert_fits_phones(page, "start")
+    photo = tmp_path / LONG_FILE_NAME
+    photo.write_bytes(encode(generated_art(96, 128, seed=5, text="me"), "PNG"))
+    await page.page.set_input_files("#param-image", photo)
+    assert await page.page.text_content("#param-image-name") == LONG_FILE_NAME
+    await assert_fits_phones(page, "a photo chosen")
+
+    await page.page.set_viewport_size(PHONE)
     prompt_id = await page.submit(seed=202)
+    await page.running_index(14)  # the sampler: its mini bar and the live preview
+    await page.page.wait_for_selector("#preview:not([hidden]) img")
+    await assert_fits_phones(page, "mid-run")
     assert await page.done() == "success"
     await page.result_loaded()
     await page.page.wait_for_selector(f'#queue-history li[data-prompt-id="{prompt_id}"]')
-    assert await page.page.text_content("#queue-running") == "Nothing"
-    await page.shot("4-phone-done-en")
+    running = await page.page.text_content("#queue-running")
+    assert running == {"ko": "없음", "en": "Nothing"}[lang]
+    await assert_fits_phones(page, "done")
+    await page.page.set_viewport_size(PHONE)
+    await page.shot(f"4-phone-done-{lang}")
     names = sorted(s["name"] for s in await page.steps())
-    assert names == sorted(texts["en"] for texts in PORTRAIT["steps"].values())
-    overflow = await page.page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
-    assert overflow <= 0
+    assert names == sorted(texts[lang] for texts in PORTRAIT["steps"].values())
     assert page.errors == []
+
+
+async def test_phone_layout_wraps_long_unbroken_text(browser: Any, relay: RunningRelay) -> None:
+    """Every place a name, id, file name or error text shows takes a long unbroken string without
+    widening the page: it wraps or is cut with an ellipsis."""
+    page = await Page.open(browser, relay, viewport=PHONE)
+    prompt_id = await page.submit(seed=203)
+    assert await page.done() == "success"
+    await page.page.wait_for_selector(f'#queue-history li[data-prompt-id="{prompt_id}"]')
+    long_word = "🚀" + "Sampler_Custom_Advanced_" * 12 + prompt_id
+    slots = [
+        "#run-title",
+        "#run-status",
+        "#steps li:nth-child(3) .name",
+        "#steps li:nth-child(3) .duration",
+        "#results a",
+        "#queue-history li .what",
+        "#workflow-description",
+        "#param-image-name",
+        "#client-label",
+        "#connection .text",
+        "#upstream .text",
+        ".field .label",
+        ".field .hint",
+    ]
+    for selector in slots:
+        await page.page.eval_on_selector(selector, "(el, text) => { el.textContent = text; }", long_word)
+    # The error box, with an exception's long line as ComfyUI reports it.
+    await page.page.eval_on_selector(
+        "#run-error",
+        "(el, text) => { el.hidden = false; el.textContent = 'RuntimeError: ' + text; }",
+        long_word,
+    )
+    await assert_fits_phones(page, "long text everywhere")
+    assert page.errors == []
+
+
+async def test_overflow_check_names_the_widening_element(browser: Any, relay: RunningRelay) -> None:
+    """The phone check fails on an element wider than the screen and names that element and its width."""
+    page = await Page.open(browser, relay, viewport=PHONE)
+    await page.page.eval_on_selector(
+        "#new-job",  # a card the page does not redraw
+        """card => {
+          const wide = document.createElement("div");
+          wide.className = "too-wide";
+          wide.style.setProperty("width", "700px");
+          wide.style.setProperty("height", "2rem");  // an empty box of no height widens nothing
+          card.append(wide);
+        }""",
+    )
+    with pytest.raises(AssertionError) as failure:
+        await assert_fits_phones(page, "injected")
+    message = str(failure.value)
+    assert "injected, ko, 320 px: the page is" in message
+    named = message.split("window; ")[1]
+    selector, width = named.split(" (", 1)
+    assert width.startswith("700 px wide")
+    # The path it gives leads to the injected element and no other.
+    assert await page.page.eval_on_selector_all(selector, "found => found.map(el => el.className)") == [
+        "too-wide"
+    ]
 
 
 async def test_cancel_a_pending_job(browser: Any, relay: RunningRelay, emulator: RunningEmulator) -> None:

@@ -37,6 +37,8 @@ const TEXTS = {
     failedAt: "실패한 단계",
     recovered: "재연결 후 ComfyUI 기록에서 확인한 결과입니다.",
     imageHint: "비워 두면 기본 이미지를 사용합니다",
+    chooseImage: "이미지 선택",
+    noFile: "선택한 파일 없음",
     defaultImage: (name) => `기본: ${name}`,
     client: "클라이언트",
     other: "English",
@@ -76,6 +78,8 @@ const TEXTS = {
     failedAt: "Failed step",
     recovered: "Result read from ComfyUI's history after reconnecting.",
     imageHint: "Leave empty to use the default image",
+    chooseImage: "Choose image",
+    noFile: "No file chosen",
     defaultImage: (name) => `Default: ${name}`,
     client: "client",
     other: "한국어",
@@ -229,14 +233,21 @@ function renderForm() {
       input = h("select", { id, name }, spec.choices.map((c) => h("option", { value: c, selected: c === spec.default }, c)));
     } else if (spec.type === "image") {
       const thumb = h("img", { alt: "", id: `${id}-thumb`, src: relay.url(`/view?filename=${encodeURIComponent(spec.default || "")}&type=input`) });
-      input = h("input", { id, name, type: "file", accept: "image/*" });
+      // The browser's own file control sizes itself by its text, in the browser's language, and
+      // cannot shrink: a hidden input behind a label we style keeps the form within a phone's width.
+      input = h("input", { id, name, type: "file", accept: "image/*", class: "file-input" });
+      const chosen = h("span", { class: "file-name", id: `${id}-name` }, T.noFile);
       input.addEventListener("change", () => {
-        if (input.files[0]) thumb.src = URL.createObjectURL(input.files[0]);
+        const file = input.files[0];
+        chosen.textContent = file ? file.name : T.noFile;
+        chosen.title = file ? file.name : "";
+        if (file) thumb.src = URL.createObjectURL(file);
       });
       form.append(
         h("div", { class: "field" },
           h("span", { class: "label" }, label),
-          h("div", { class: "image-field" }, thumb, input),
+          h("div", { class: "image-field" },
+            thumb, h("div", { class: "file-pick" }, input, h("label", { class: "file-button", for: id }, T.chooseImage), chosen)),
           h("span", { class: "hint" }, spec.default ? T.defaultImage(spec.default) : T.imageHint)),
       );
       continue;
