@@ -48,6 +48,7 @@ from relay.metrics import CONTENT_TYPE, Metrics, workflow_label
 from relay.page import page_routes
 from relay.plans import build_plan, failed_outputs
 from relay.proxy import proxy_routes
+from relay.routing import routed_prompt
 from relay.sessions import ClientSession, Sessions
 from relay.streaming import StreamingClient
 from relay.telemetry import Telemetry
@@ -394,14 +395,16 @@ async def _submit(
         targets = body.get("partial_execution_targets")
         plan = build_plan(graph, output_classes, targets=targets, names=names, workflow=workflow_name)
         session.translator.register(prompt_id, plan, time.monotonic())
-        forward = {**body, "client_id": client_id, "prompt_id": prompt_id}
+        forward = routed_prompt({**body, "prompt_id": prompt_id}, client_id, session.route(prompt_id))
         try:
             answer = await state.comfy.post_prompt(forward)
         except RelayError:
             session.translator.reject(prompt_id)
+            session.unroute(prompt_id)
             raise
         if answer.status != 200:
             session.translator.reject(prompt_id)
+            session.unroute(prompt_id)
             state.metrics.prompts.labels("rejected", workflow_label(workflow_name)).inc()
             return Response(answer.content, status_code=answer.status, media_type=answer.content_type)
         accepted = answer.json()

@@ -40,8 +40,14 @@ class RelayConfig:
     reconnect_jitter: float = 0.3
     # How long POST /prompt waits for the upstream socket before answering 502.
     upstream_connect_timeout: float = 10.0
+    # How long POST /prompt waits for a quiet upstream socket to answer a ping before it is
+    # given up as silently dropped (and a new one opened).
+    upstream_check_timeout: float = 3.0
     # While prompts are active and the upstream is silent this long, check /history.
     stall_check_interval: float = 15.0
+    # While prompts are detached (their socket was lost uncleanly, relay.routing), how often
+    # ComfyUI is asked whether they ended, besides at every queue change it announces.
+    detached_poll_interval: float = 2.0
     # HTTP client to ComfyUI
     http_connect_timeout: float = 5.0
     http_read_timeout: float = 60.0
@@ -96,6 +102,8 @@ class RelayConfig:
         for name in ("upstream_grace", "reconnect_initial", "reconnect_max", "upstream_connect_timeout"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
+        if self.detached_poll_interval <= 0 or self.upstream_check_timeout <= 0:
+            raise ConfigError("detached_poll_interval and upstream_check_timeout must be positive")
         if self.language not in LANGUAGES:
             raise ConfigError(f"RELAY_LANGUAGE must be one of {', '.join(LANGUAGES)}, not {self.language!r}")
         if self.ring_size < 1 or self.subscriber_queue < 8:
@@ -166,7 +174,9 @@ DESCRIPTIONS: dict[str, str] = {
     "reconnect_max": "longest reconnect delay in seconds",
     "reconnect_jitter": "random share added to or taken from each delay (0-1)",
     "upstream_connect_timeout": "seconds POST /prompt waits for the upstream socket before 502",
+    "upstream_check_timeout": "seconds POST /prompt waits for a quiet upstream socket to answer a ping",
     "stall_check_interval": "seconds of upstream silence, while prompts run, before checking /history",
+    "detached_poll_interval": "seconds between checks on prompts whose socket was lost uncleanly",
     "http_connect_timeout": "connect timeout for HTTP requests to ComfyUI, seconds",
     "http_read_timeout": "read timeout for HTTP requests to ComfyUI, seconds",
     "http_max_connections": "most HTTP connections to ComfyUI at once",
@@ -201,7 +211,9 @@ ENV_NAMES: dict[str, str] = {
     "reconnect_max": "RELAY_RECONNECT_MAX",
     "reconnect_jitter": "RELAY_RECONNECT_JITTER",
     "upstream_connect_timeout": "RELAY_UPSTREAM_CONNECT_TIMEOUT",
+    "upstream_check_timeout": "RELAY_UPSTREAM_CHECK_TIMEOUT",
     "stall_check_interval": "RELAY_STALL_CHECK_INTERVAL",
+    "detached_poll_interval": "RELAY_DETACHED_POLL_INTERVAL",
     "http_connect_timeout": "RELAY_HTTP_CONNECT_TIMEOUT",
     "http_read_timeout": "RELAY_HTTP_READ_TIMEOUT",
     "http_max_connections": "RELAY_HTTP_MAX_CONNECTIONS",

@@ -116,6 +116,12 @@ class Metrics:
             "Upstream ComfyUI sockets lost or failed to open",
             registry=registry,
         )
+        self.detached = Counter(
+            "relay_prompts_detached_total",
+            "Prompts no longer followed live after their ComfyUI socket was lost uncleanly "
+            "(ended from ComfyUI's history instead)",
+            registry=registry,
+        )
         self.refused = Counter(
             "relay_refused_total",
             "Requests and sockets refused by access rules or limits, by reason",

@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from relay.errors import BadRequest
 from relay.fanout import RAW_SEND
+from relay.routing import restore_client_ids
 from relay.streaming import BodyCutShort, StreamedAnswer
 
 __all__ = ["forward", "proxy_routes", "upstream_safe_name", "upstream_safe_subfolder", "validate_view_query"]
@@ -219,16 +220,40 @@ async def interrupt(request: Request) -> Response:
 
 
 async def queue(request: Request) -> Response:
-    """GET /queue with pending prompts in the order they will run (ComfyUI gives its heap array)."""
+    """GET /queue with pending prompts in the order they will run (ComfyUI gives its heap array),
+    each prompt's ``client_id`` the one its client used (``relay.routing``)."""
     comfy = request.app.state.relay.comfy
     answer = await comfy.request("GET", "/queue")
     if answer.status != 200:
         return Response(answer.content, status_code=answer.status, media_type=answer.content_type)
-    body = answer.json()
+    body = restore_client_ids(answer.json(), shape="queue")
     pending = body.get("queue_pending") if isinstance(body, dict) else None
     if isinstance(pending, list):
         body["queue_pending"] = sorted(pending, key=_run_order)
     return Response(orjson.dumps(body), media_type="application/json")
+
+
+def _history(path_of: Callable[[Request], str]) -> Handler:
+    """GET /history or /history/{id}, each prompt's ``client_id`` the one its client used.
+
+    The answer is read whole to rewrite it, as ComfyUI builds it whole: ask with ``max_items``
+    for a long history.
+    """
+
+    async def handler(request: Request) -> Response:
+        comfy = request.app.state.relay.comfy
+        answer = await comfy.request("GET", _path_with_query(request, path_of(request)))
+        try:
+            body = answer.json() if answer.status == 200 else None
+        except orjson.JSONDecodeError:
+            body = None
+        if body is None:
+            return Response(answer.content, status_code=answer.status, media_type=answer.content_type)
+        return Response(
+            orjson.dumps(restore_client_ids(body, shape="history")), media_type="application/json"
+        )
+
+    return handler
 
 
 def _run_order(item: Any) -> tuple[float, str]:
@@ -248,9 +273,9 @@ def proxy_routes() -> list[BaseRoute]:
         ("/view", view, ["GET", "HEAD"]),
         ("/queue", queue, ["GET"]),
         ("/queue", post_queue, ["POST"]),
-        ("/history", _passthrough(lambda r: "/history"), ["GET"]),
+        ("/history", _history(lambda r: "/history"), ["GET"]),
         ("/history", _checked_post("/history"), ["POST"]),
-        ("/history/{prompt_id}", _passthrough(lambda r: "/history/" + _segment(r, "prompt_id")), ["GET"]),
+        ("/history/{prompt_id}", _history(lambda r: "/history/" + _segment(r, "prompt_id")), ["GET"]),
         ("/interrupt", interrupt, ["POST"]),
         ("/prompt", _passthrough(lambda r: "/prompt"), ["GET"]),
         ("/object_info", _passthrough(lambda r: "/object_info"), ["GET"]),

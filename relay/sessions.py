@@ -60,6 +60,13 @@ class ClientSession:
         # POSTs between registering a prompt and ComfyUI's answer keep the upstream open.
         self.registering = 0
         self.idle_since: float | None = time.monotonic()
+        # The routing id each prompt in flight was submitted under (relay.routing).
+        self.routes: dict[str, str] = {}
+        # Prompts whose routing id no open socket has: ComfyUI's events for them go nowhere we
+        # hear, so their end is read from ComfyUI's history, checked by the watcher below.
+        self.detached: set[str] = set()
+        self._watcher: asyncio.Task[None] | None = None
+        self._queue_moved = asyncio.Event()
 
     # Lifecycle --------------------------------------------------------------------------
 
@@ -73,7 +80,12 @@ class ClientSession:
         Raises:
             UpstreamUnavailable: ComfyUI's socket could not be opened in time.
         """
-        if not await self.upstream.wait_connected(self.config.upstream_connect_timeout):
+        limit = self.config.upstream_connect_timeout
+        opened = await self.upstream.wait_connected(limit)
+        # A prompt sent on a socket that died silently would be routed to nobody: check first.
+        if opened and not await self.upstream.confirm(self.config.upstream_check_timeout):
+            opened = await self.upstream.wait_connected(limit)
+        if not opened:
             raise UpstreamUnavailable(
                 f"ComfyUI's WebSocket is unreachable: {self.upstream.reason or 'timed out'}"
             )
@@ -86,6 +98,56 @@ class ClientSession:
     def remove(self, subscriber: Subscriber) -> None:
         self.channel.discard(subscriber)
 
+    async def close(self) -> None:
+        """Stop watching detached prompts and close the upstream socket."""
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        await self.upstream.close()
+
+    # Routing ----------------------------------------------------------------------------
+
+    def route(self, prompt_id: str) -> str:
+        """The routing id to submit ``prompt_id`` under: the open socket's. Call once it is open."""
+        sid = self.routes[prompt_id] = self.upstream.sid
+        return sid
+
+    def unroute(self, prompt_id: str) -> None:
+        """ComfyUI did not take the prompt."""
+        self.routes.pop(prompt_id, None)
+
+    def _check_routes(self) -> None:
+        """Detach the active prompts submitted under a routing id that is no longer the socket's."""
+        sid = self.upstream.sid
+        lost = [
+            p for p in self.translator.active() if p not in self.detached and self.routes.get(p, sid) != sid
+        ]
+        if not lost:
+            return
+        self.detached.update(lost)
+        self.metrics.detached.inc(len(lost))
+        self.log.warning("prompts detached: their socket to ComfyUI was lost uncleanly", prompt_ids=lost)
+        reason = (
+            "the relay's socket to ComfyUI was lost without a clean close; ComfyUI sends this "
+            "prompt's progress to that socket, so only its end can be reported"
+        )
+        self.publish([{"type": "relay.detached", "prompt_id": p, "reason": reason} for p in lost])
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.create_task(self._watch_detached(), name=f"detached-{self.client_id}")
+
+    async def _watch_detached(self) -> None:
+        """Until every detached prompt has ended: ask ComfyUI, at each queue change it announces
+        (a prompt that ends changes the queue) and every ``detached_poll_interval`` seconds."""
+        while self.detached:
+            self._queue_moved.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.detached_poll_interval):
+                    await self._queue_moved.wait()
+            if self.upstream.state == "connected":  # else ComfyUI is away: its return reconciles
+                await self.reconcile(only=set(self.detached))
+
     # Publishing -------------------------------------------------------------------------
 
     def publish(self, events: list[dict[str, Any]]) -> None:
@@ -93,8 +155,13 @@ class ClientSession:
             self.channel.publish(event)
             self._log(event)
             self._count(event)
-            if event["type"] == "relay.done" and self.durations is not None:
-                self.durations.save()  # what this run taught, kept across restarts
+            if event["type"] == "relay.done":
+                self.routes.pop(event["prompt_id"], None)
+                self.detached.discard(event["prompt_id"])
+                if self.durations is not None:
+                    self.durations.save()  # what this run taught, kept across restarts
+            elif event["type"] == "relay.queued":
+                self._check_routes()  # the socket may have been lost while ComfyUI answered
 
     def _count(self, event: dict[str, Any]) -> None:
         kind = event["type"]
@@ -159,6 +226,8 @@ class ClientSession:
         if not isinstance(message, dict):
             return
         ours = self._is_ours(message)
+        if message.get("type") == "status" and self.detached:
+            self._queue_moved.set()
         self.publish(self.translator.feed(message, now))
         if ours:
             key = (
@@ -222,25 +291,30 @@ class ClientSession:
     async def on_connected(self, reconnected: bool) -> None:
         if reconnected:
             self.metrics.upstream_reconnects.inc()
+            self._check_routes()
             await self.reconcile()
 
+    def _attached(self) -> set[str]:
+        return {p for p in self.translator.active() if p not in self.detached}
+
     def needs_watch(self) -> bool:
-        return bool(self.translator.active())
+        return bool(self._attached())
 
     async def on_silence(self) -> bool:
         """Check on active prompts through HTTP; a prompt finished unseen means we were orphaned."""
-        closed = await self.reconcile()
+        closed = await self.reconcile(only=self._attached())
         if closed:
             self.log.warning("prompts finished without a word on the socket; reopening it", closed=closed)
         return closed > 0
 
-    async def reconcile(self, *, removed: bool = False) -> int:
+    async def reconcile(self, *, removed: bool = False, only: set[str] | None = None) -> int:
         """Settle prompts that ended while the socket was away; returns how many it closed.
 
         With ``removed``, after a delete from ComfyUI's queue: a prompt that never started and
-        is gone from the queue without a history entry was cancelled, not lost.
+        is gone from the queue without a history entry was cancelled, not lost. With ``only``,
+        just those prompts are looked at.
         """
-        active = self.translator.active()
+        active = [p for p in self.translator.active() if only is None or p in only]
         if not active:
             return 0
         try:
@@ -340,4 +414,4 @@ class Sessions:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
-        await asyncio.gather(*(s.upstream.close() for s in self._sessions.values()), return_exceptions=True)
+        await asyncio.gather(*(s.close() for s in self._sessions.values()), return_exceptions=True)

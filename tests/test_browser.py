@@ -388,6 +388,30 @@ async def test_upstream_drop_shows_reconnecting_then_the_true_end(
         assert page.errors == []
 
 
+async def test_lost_upstream_socket_says_the_run_is_detached_then_shows_the_result(
+    browser: Any, relay: RunningRelay
+) -> None:
+    """The relay's ComfyUI socket is lost without a close mid-run: the page says the run can no longer
+    be followed, then shows the true result when ComfyUI has it."""
+    page = await Page.open(browser, relay, viewport=PHONE)
+    await page.submit(seed=451)
+    await page.running_index(3)
+    client_id = await page.page.evaluate("localStorage.getItem('comfy-relay.clientId')")
+    session = relay.state.sessions.find(client_id)
+    assert session is not None
+    assert session.upstream._socket is not None
+    session.upstream._socket.transport.abort()
+    await page.page.wait_for_selector("#current .detached")
+    assert "진행 상황은 더 받을 수 없습니다" in (await page.page.text_content("#current") or "")
+    await assert_fits_phones(page, "detached")
+    await page.page.set_viewport_size(PHONE)
+    await page.shot("7-detached")
+    assert await page.done() == "success"
+    await page.result_loaded()
+    assert "재연결 후" in (await page.page.text_content("#run-error") or "")
+    assert page.errors == []
+
+
 async def test_reload_mid_run_resumes_the_same_prompt(browser: Any, relay: RunningRelay) -> None:
     """Reloading mid-run: the page comes back on the same prompt with the steps done so far, then ends."""
     page = await Page.open(browser, relay)

@@ -7,12 +7,22 @@ import asyncio
 import httpx
 
 from relay.emulator import EmulatorConfig, RunningEmulator, run_emulator
+from relay.emulator.sockets import SocketHub
 from relay.errors import CLOSE_GOING_AWAY
 from relay.server import RunningRelay, run_relay
 from tests.conftest import relay_config
 from tests.relay_client import Tab, open_tab
 from tests.test_relay_events import TEXT2IMG, stream, submit
 from tests.tracekit import load_trace
+
+
+def open_sockets(hub: SocketHub, client_id: str) -> list[str]:
+    """The routing ids of a client's sockets open at ComfyUI (relay.routing)."""
+    return [c.sid for c in hub.live() if c.sid.startswith(client_id + ".")]
+
+
+def registered(hub: SocketHub, client_id: str) -> bool:
+    return any(sid.startswith(client_id + ".") for sid in hub.sockets)
 
 
 def window(tab: Tab, prompt_id: str) -> list[dict[str, object]]:
@@ -38,8 +48,8 @@ async def test_tabs_share_one_upstream(
     for tab in tabs:
         await tab.wait_done(prompt_id)
     hub = emulator.state.hub
-    assert [c.sid for c in hub._every_connection].count("shared") == 1
-    assert "shared" in hub.sockets
+    assert len(open_sockets(hub, "shared")) == 1
+    assert registered(hub, "shared")
     first = window(tabs[0], prompt_id)
     assert first[0]["type"] == "relay.queued"
     assert first[-1]["type"] == "relay.done"
@@ -49,7 +59,7 @@ async def test_tabs_share_one_upstream(
     second = await submit(relay_http, load_trace("01").workflow(), "shared")
     for tab in tabs[1:]:
         assert (await tab.wait_done(second))["status"] == "success"
-    assert [c.sid for c in hub._every_connection].count("shared") == 1
+    assert len(open_sockets(hub, "shared")) == 1
     for tab in tabs[1:]:
         await tab.close()
 
@@ -209,13 +219,13 @@ async def test_upstream_opens_on_demand_and_closes_after_grace(
     relay: RunningRelay, emulator: RunningEmulator
 ) -> None:
     """No tab and no prompt: no socket at ComfyUI; a tab opens one; it closes after the grace period."""
-    assert "lazy" not in emulator.state.hub.sockets
+    assert not registered(emulator.state.hub, "lazy")
     tab = await open_tab(relay.ws_url, "clientId=lazy")
     await tab.wait_for(lambda e: e["type"] == "relay.upstream" and e["state"] == "connected")
-    assert "lazy" in emulator.state.hub.sockets
+    assert registered(emulator.state.hub, "lazy")
     await tab.close()
     async with asyncio.timeout(10):
-        while "lazy" in emulator.state.hub.sockets:
+        while registered(emulator.state.hub, "lazy"):
             await asyncio.sleep(0.05)
 
 
@@ -251,7 +261,7 @@ async def test_shutdown_closes_clients_with_1001_and_leaves_no_task(emulator: Ru
             await tab.closed.wait()
         assert tab.close_code == CLOSE_GOING_AWAY
     async with asyncio.timeout(5):
-        while any(f"bye{i}" in emulator.state.hub.sockets for i in range(3)):
+        while any(registered(emulator.state.hub, f"bye{i}") for i in range(3)):
             await asyncio.sleep(0.02)
     leftover = [
         t for t in asyncio.all_tasks() - before if not t.done() and "reader" not in repr(t.get_coro())

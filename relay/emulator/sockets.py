@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,14 +51,25 @@ class SocketHub:
     def __init__(self, *, duplicate_client_quirk: bool = True) -> None:
         self.sockets: dict[str, Connection] = {}
         self.feature_flags: dict[str, dict[str, Any]] = {}
+        # Sids that registered while another socket of the same sid was still open here: the
+        # start of the orphaning hazard. Not the server's state; kept for tests to check.
+        self.overlaps: list[str] = []
         self._quirk = duplicate_client_quirk
         self._queue: asyncio.Queue[tuple[str | bytes, str | None]] = asyncio.Queue(_QUEUE_LIMIT)
         self._every_connection: set[Connection] = set()
+        self._changed = asyncio.Event()  # set, and replaced, at every open or close
+
+    def live(self) -> list[Connection]:
+        """Every socket still open on this side, registered or orphaned."""
+        return list(self._every_connection)
 
     def register(self, connection: Connection) -> None:
+        if any(other.sid == connection.sid for other in self._every_connection):
+            self.overlaps.append(connection.sid)
         self.sockets[connection.sid] = connection
         self.feature_flags[connection.sid] = {}
         self._every_connection.add(connection)
+        self._notify()
 
     def unregister(self, connection: Connection) -> None:
         self._every_connection.discard(connection)
@@ -65,6 +77,16 @@ class SocketHub:
             # With the quirk, whatever is registered under this sid goes, even a replacement.
             self.sockets.pop(connection.sid, None)
             self.feature_flags.pop(connection.sid, None)
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate()`` holds, checked at every socket opened or closed."""
+        while not predicate():
+            await self._changed.wait()
 
     def supports_preview_metadata(self, sid: str | None) -> bool:
         if sid is None:

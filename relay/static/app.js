@@ -33,6 +33,7 @@ const TEXTS = {
     eta: "남은 시간",
     queuedAhead: (n) => (n > 0 ? `대기 중 · 앞에 ${n}개` : "대기 중 · 곧 시작"),
     starting: "시작 준비 중…",
+    detached: "ComfyUI 연결이 끊겼다 다시 이어져 이 작업의 진행 상황은 더 받을 수 없습니다. 끝나면 결과를 보여 드립니다.",
     status: { queued: "대기 중", running: "실행 중", success: "완료", error: "실패", interrupted: "중단됨", cancelled: "취소됨", submitted: "제출됨" },
     failedAt: "실패한 단계",
     recovered: "재연결 후 ComfyUI 기록에서 확인한 결과입니다.",
@@ -74,6 +75,7 @@ const TEXTS = {
     eta: "left",
     queuedAhead: (n) => (n > 0 ? `Queued · ${n} ahead` : "Queued · starting soon"),
     starting: "Getting ready…",
+    detached: "The link to ComfyUI was lost and made again: this job's progress can no longer be followed. Its result shows when it ends.",
     status: { queued: "Queued", running: "Running", success: "Done", error: "Failed", interrupted: "Interrupted", cancelled: "Cancelled", submitted: "Submitted" },
     failedAt: "Failed step",
     recovered: "Result read from ComfyUI's history after reconnecting.",
@@ -407,6 +409,10 @@ function renderCurrent(prompt, total) {
   if (prompt.done) return;
   if (prompt.phase === "queued" || prompt.phase === "submitted") {
     current.textContent = state.queueAhead == null ? T.status.queued : T.queuedAhead(state.queueAhead);
+    return;
+  }
+  if (prompt.detached) {
+    current.append(h("span", { class: "detached" }, T.detached));
     return;
   }
   const step = prompt.currentStep;

@@ -78,6 +78,7 @@ class PromptState {
     this.files = []; // [{filename, subfolder, type, kind, node, url}]
     this.error = null;
     this.recovered = false;
+    this.detached = false; // its progress can no longer be followed; only its end will come
     this.inFlight = false;
     this.updatedAt = Date.now();
   }
@@ -354,6 +355,11 @@ export class RelayClient {
         }
         return;
       }
+      case "relay.detached":
+        prompt.detached = true;
+        prompt.progress = null;
+        prompt.eta = null;
+        return;
       case "relay.done":
         this._finish(prompt, event.status, event.error || null, event.outputs, event);
         return;
