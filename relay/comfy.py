@@ -105,13 +105,26 @@ class ComfyClient:
     async def history(self, prompt_id: str) -> dict[str, Any]:
         # Prompt ids may be chosen by clients: never let one change the path.
         answer = await self.request("GET", f"/history/{quote(prompt_id, safe='')}")
-        body = answer.json() if answer.status == 200 else {}
+        try:
+            body = answer.json() if answer.status == 200 else {}
+        except orjson.JSONDecodeError:
+            raise UpstreamUnavailable(
+                f"ComfyUI's /history answer is not JSON: {answer.content[:80]!r}"
+            ) from None
         return body if isinstance(body, dict) else {}
 
     async def queue_ids(self) -> set[str]:
         """Ids of the prompts ComfyUI is running or holding."""
         answer = await self.request("GET", "/queue")
-        body = answer.json() if answer.status == 200 else {}
+        if answer.status != 200:
+            # Without the queue nothing can be called finished or lost.
+            raise UpstreamUnavailable(f"ComfyUI answered GET /queue with HTTP {answer.status}")
+        try:
+            body = answer.json()
+        except orjson.JSONDecodeError:
+            raise UpstreamUnavailable(
+                f"ComfyUI's /queue answer is not JSON: {answer.content[:80]!r}"
+            ) from None
         ids: set[str] = set()
         for key in ("queue_running", "queue_pending"):
             for item in body.get(key, []) if isinstance(body, dict) else []:

@@ -9,7 +9,8 @@ import httpx
 from relay.emulator import RunningEmulator
 from relay.routing import CLIENT_KEY, restore_client_ids, routed_prompt, routing_id
 from relay.server import RunningRelay
-from tests.relay_client import open_tab
+from relay.sessions import ClientSession
+from tests.relay_client import Tab, open_tab
 from tests.test_relay_events import TEXT2IMG, stream, submit
 from tests.test_relay_resilience import long_graph
 
@@ -75,16 +76,24 @@ async def test_queue_and_history_through_the_relay_show_the_clients_own_id(
     await tab.close()
 
 
+async def sampling(
+    relay: RunningRelay, http: httpx.AsyncClient, client_id: str, steps: int
+) -> tuple[Tab, str, ClientSession]:
+    """A tab of ``client_id`` and a long prompt of its, once the prompt's sampler is under way."""
+    tab = await open_tab(relay.ws_url, f"clientId={client_id}")
+    prompt_id = await submit(http, long_graph(steps=steps, delay=0.2), client_id)
+    await tab.wait_for(lambda e: e["type"] == "relay.progress" and e["prompt_id"] == prompt_id)
+    session = relay.state.sessions.find(client_id)
+    assert session is not None
+    return tab, prompt_id, session
+
+
 async def test_a_clean_drop_keeps_the_routing_id_and_the_run_live(
     relay: RunningRelay, relay_http: httpx.AsyncClient, emulator: RunningEmulator
 ) -> None:
     """ComfyUI closes the socket with a close frame: the relay reconnects under the same routing id,
     so the running prompt goes on step by step, nothing is detached, and no two sockets overlap."""
-    tab = await open_tab(relay.ws_url, "clientId=dora")
-    prompt_id = await submit(relay_http, long_graph(steps=30, delay=0.2), "dora")
-    await tab.wait_for(lambda e: e["type"] == "relay.progress" and e["prompt_id"] == prompt_id)
-    session = relay.state.sessions.find("dora")
-    assert session is not None
+    tab, prompt_id, session = await sampling(relay, relay_http, "dora", steps=30)
     sid = session.upstream.sid
     await emulator.drop_sockets()
     await tab.wait_for(lambda e: e["type"] == "relay.upstream" and e["state"] == "down")
@@ -110,11 +119,7 @@ async def test_a_lost_socket_takes_a_new_routing_id_and_detaches_the_running_pro
 ) -> None:
     """The relay gives up a socket without a closing handshake: the next one registers under a new
     routing id, the running prompt is announced detached and still ends with its true result."""
-    tab = await open_tab(relay.ws_url, "clientId=eve")
-    prompt_id = await submit(relay_http, long_graph(steps=20, delay=0.1), "eve")
-    await tab.wait_for(lambda e: e["type"] == "relay.progress" and e["prompt_id"] == prompt_id)
-    session = relay.state.sessions.find("eve")
-    assert session is not None
+    tab, prompt_id, session = await sampling(relay, relay_http, "eve", steps=10)
     sid = session.upstream.sid
     socket = session.upstream._socket
     assert socket is not None
