@@ -219,14 +219,28 @@ async def interrupt(request: Request) -> Response:
     return await forward(request, "/interrupt", content=body or b"{}")
 
 
-async def queue(request: Request) -> Response:
-    """GET /queue with pending prompts in the order they will run (ComfyUI gives its heap array),
-    each prompt's ``client_id`` the one its client used (``relay.routing``)."""
-    comfy = request.app.state.relay.comfy
-    answer = await comfy.request("GET", "/queue")
-    if answer.status != 200:
+async def _answer_with_client_ids(request: Request, path: str, shape: str) -> Any:
+    """ComfyUI's JSON answer to a GET, each prompt's ``client_id`` the one its client used
+    (``relay.routing``); a Response to pass on as it is when the answer is not a JSON 200.
+
+    The answer is read whole to rewrite it, as ComfyUI builds it whole: ask /history with
+    ``max_items`` for a long one.
+    """
+    answer = await request.app.state.relay.comfy.request("GET", _path_with_query(request, path))
+    try:
+        body = answer.json() if answer.status == 200 else None
+    except orjson.JSONDecodeError:
+        body = None
+    if body is None:
         return Response(answer.content, status_code=answer.status, media_type=answer.content_type)
-    body = restore_client_ids(answer.json(), shape="queue")
+    return restore_client_ids(body, shape=shape)
+
+
+async def queue(request: Request) -> Response:
+    """GET /queue with pending prompts in the order they will run (ComfyUI gives its heap array)."""
+    body = await _answer_with_client_ids(request, "/queue", "queue")
+    if isinstance(body, Response):
+        return body
     pending = body.get("queue_pending") if isinstance(body, dict) else None
     if isinstance(pending, list):
         body["queue_pending"] = sorted(pending, key=_run_order)
@@ -234,23 +248,14 @@ async def queue(request: Request) -> Response:
 
 
 def _history(path_of: Callable[[Request], str]) -> Handler:
-    """GET /history or /history/{id}, each prompt's ``client_id`` the one its client used.
-
-    The answer is read whole to rewrite it, as ComfyUI builds it whole: ask with ``max_items``
-    for a long history.
-    """
+    """GET /history or /history/{id}."""
 
     async def handler(request: Request) -> Response:
-        comfy = request.app.state.relay.comfy
-        answer = await comfy.request("GET", _path_with_query(request, path_of(request)))
-        try:
-            body = answer.json() if answer.status == 200 else None
-        except orjson.JSONDecodeError:
-            body = None
-        if body is None:
-            return Response(answer.content, status_code=answer.status, media_type=answer.content_type)
-        return Response(
-            orjson.dumps(restore_client_ids(body, shape="history")), media_type="application/json"
+        body = await _answer_with_client_ids(request, path_of(request), "history")
+        return (
+            body
+            if isinstance(body, Response)
+            else Response(orjson.dumps(body), media_type="application/json")
         )
 
     return handler
