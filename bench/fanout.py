@@ -362,6 +362,8 @@ async def drive(args: argparse.Namespace) -> list[Result]:
         "RELAY_LOG_LEVEL": "warning",
         "RELAY_UPSTREAM_GRACE": "300",
         "RELAY_ETA_FILE": "",
+        # Every tab is on one client id: allow as many as the largest N.
+        "RELAY_MAX_CONNECTIONS_PER_CLIENT": str(max(args.subscribers) + 10),
     }
     results = []
     async with (

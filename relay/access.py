@@ -21,24 +21,29 @@ refused during the handshake reaches page scripts only as a bare 1006.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
-from collections.abc import Iterable
 from urllib.parse import parse_qsl, urlencode
 
-import orjson
 import structlog
 from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
+from relay.asgi import TOKEN_SUBPROTOCOL
 from relay.config import RelayConfig
-from relay.errors import CLOSE_FORBIDDEN, CLOSE_UNAUTHORIZED
+from relay.errors import (
+    OriginNotAllowed,
+    RelayError,
+    TooManyRequests,
+    Unauthorized,
+    error_response,
+    refuse_socket,
+)
 from relay.metrics import Metrics
 
-__all__ = ["SUBPROTOCOL", "TOKEN_SUBPROTOCOL", "AccessControl", "choose_subprotocol", "refuse_socket"]
+__all__ = ["AccessControl"]
 
 log = structlog.get_logger("relay.access")
-
-SUBPROTOCOL = "comfy-relay"
-TOKEN_SUBPROTOCOL = "comfy-relay.token."  # noqa: S105 - a prefix, not a secret
 
 # Answer without a token and without counting against the request limit.
 _PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -52,39 +57,6 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1"))
     return None
-
-
-def choose_subprotocol(offered: Iterable[str]) -> str | None:
-    """The subprotocol to accept: ``comfy-relay`` when offered, else an offered token one.
-
-    A browser that offered subprotocols fails the connection unless one of them is selected.
-    """
-    offered = list(offered)
-    if SUBPROTOCOL in offered:
-        return SUBPROTOCOL
-    return next((item for item in offered if item.startswith(TOKEN_SUBPROTOCOL)), None)
-
-
-async def refuse_socket(
-    receive: Receive, send: Send, scope: Scope, *, code: int, kind: str, message: str
-) -> None:
-    """Accept, say why in a ``relay.error`` frame, and close with ``code``."""
-    if (await receive())["type"] != "websocket.connect":
-        return
-    offered = scope.get("subprotocols") or []
-    await send({"type": "websocket.accept", "subprotocol": choose_subprotocol(offered) or None})
-    error = {"type": "relay.error", "code": kind, "message": message}
-    await send({"type": "websocket.send", "text": orjson.dumps(error).decode()})
-    await send({"type": "websocket.close", "code": code, "reason": message[:120]})
-
-
-async def _refuse_request(
-    send: Send, status: int, kind: str, message: str, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    body = orjson.dumps({"error": {"type": kind, "message": message}})
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": raw + (headers or [])})
-    await send({"type": "http.response.body", "body": body})
 
 
 class AccessControl:
@@ -150,20 +122,22 @@ class AccessControl:
 
     async def _socket(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.origin_allowed(scope):
-            self._refused("origin", scope)
-            await refuse_socket(
-                receive, send, scope, code=CLOSE_FORBIDDEN, kind="origin_not_allowed",
-                message="this page's origin may not open relay sockets (RELAY_ALLOWED_ORIGINS)",
-            )  # fmt: skip
+            error: RelayError = OriginNotAllowed(
+                "this page's origin may not open relay sockets (RELAY_ALLOWED_ORIGINS)"
+            )
+            reason = "origin"
+        elif self._token is not None and not self._take_token(scope, socket=True):
+            error = Unauthorized(
+                "a valid token is required (?token=, a bearer header or the token subprotocol)"
+            )
+            reason = "unauthorized"
+        else:
+            await self.app(scope, receive, send)
             return
-        if self._token is not None and not self._take_token(scope, socket=True):
-            self._refused("unauthorized", scope)
-            await refuse_socket(
-                receive, send, scope, code=CLOSE_UNAUTHORIZED, kind="unauthorized",
-                message="a valid token is required (?token=, a bearer header or the token subprotocol)",
-            )  # fmt: skip
-            return
-        await self.app(scope, receive, send)
+        self._refused(reason, scope)
+        # A client that left before the handshake leaves nothing to refuse.
+        with contextlib.suppress(RuntimeError, OSError):
+            await refuse_socket(WebSocket(scope, receive, send), error)
 
     # Requests ----------------------------------------------------------------------------
 
@@ -172,35 +146,27 @@ class AccessControl:
         if path in _PROBES:
             await self.app(scope, receive, send)
             return
-        if scope["method"] not in _SAFE_METHODS and not self.origin_allowed(scope):
-            self._refused("origin", scope)
-            await _refuse_request(
-                send,
-                403,
-                "origin_not_allowed",
-                "requests from this origin are not allowed (RELAY_ALLOWED_ORIGINS)",
-            )
-            return
         public = path == _PAGE[0] or path.startswith(_PAGE[1])
-        if self._token is not None and not public and not self._take_token(scope, socket=False):
-            self._refused("unauthorized", scope)
-            await _refuse_request(
-                send, 401, "unauthorized", "a valid token is required (Authorization: Bearer, or ?token=)",
-                [(b"www-authenticate", b'Bearer realm="comfy-relay"')],
-            )  # fmt: skip
+        if scope["method"] not in _SAFE_METHODS and not self.origin_allowed(scope):
+            error: RelayError = OriginNotAllowed(
+                "requests from this origin are not allowed (RELAY_ALLOWED_ORIGINS)"
+            )
+            reason = "origin"
+        elif self._token is not None and not public and not self._take_token(scope, socket=False):
+            error = Unauthorized("a valid token is required (Authorization: Bearer, or ?token=)")
+            reason = "unauthorized"
+        elif self.in_flight >= self._max_requests:
+            error = TooManyRequests("the relay is handling too many requests; retry shortly")
+            reason = "busy"
+        else:
+            self.in_flight += 1
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                self.in_flight -= 1
             return
-        if self.in_flight >= self._max_requests:
-            self._refused("busy", scope)
-            await _refuse_request(
-                send, 429, "too_many_requests", "the relay is handling too many requests; retry shortly",
-                [(b"retry-after", b"1")],
-            )  # fmt: skip
-            return
-        self.in_flight += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.in_flight -= 1
+        self._refused(reason, scope)
+        await error_response(error)(scope, receive, send)
 
     def _refused(self, reason: str, scope: Scope) -> None:
         self._metrics.refused.labels(reason).inc()

@@ -1,4 +1,8 @@
-"""The ``comfy-relay`` command."""
+"""The ``comfy-relay`` command: ``serve``, ``demo``, ``submit``, ``workflows``, ``emulator``.
+
+Only ``demo`` and ``emulator`` load the ComfyUI emulator (and Pillow with it); ``serve``, the
+product, never imports it.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +20,6 @@ import uvicorn
 from relay import __version__
 from relay.app import create_app as create_relay_app
 from relay.config import DESCRIPTIONS, ENV_NAMES, ConfigError, RelayConfig
-from relay.emulator import EmulatorConfig, create_app, run_emulator
-from relay.emulator.harness import uvicorn_config
 from relay.i18n import LANGUAGES
 from relay.logs import configure_logging
 from relay.server import RelayServer, run_relay, tune_gc
@@ -81,6 +83,10 @@ def _emulator_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def _run_emulator(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: `serve` must not load the emulator (nor Pillow).
+    from relay.emulator import EmulatorConfig, create_app  # noqa: PLC0415
+    from relay.emulator.harness import uvicorn_config  # noqa: PLC0415
+
     config = EmulatorConfig(
         host=args.host,
         port=args.port,
@@ -166,6 +172,8 @@ def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 async def _demo(args: argparse.Namespace) -> None:
+    from relay.emulator import EmulatorConfig, run_emulator  # noqa: PLC0415 - see _run_emulator
+
     emulator_config = EmulatorConfig(host=args.host, port=args.comfyui_port, speed=args.speed)
     async with run_emulator(emulator_config) as emulator:
         config = RelayConfig.from_env(comfyui_url=emulator.url, host=args.host, port=args.port)

@@ -13,10 +13,9 @@ relay sends no ``eta`` rather than a guess.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import orjson
 import structlog
 
-__all__ = ["Durations", "StepTime", "default_file", "durations_file", "graph_key"]
+__all__ = ["Durations", "StepTime", "default_file", "durations_file"]
 
 log = structlog.get_logger("relay.eta")
 
@@ -45,14 +44,6 @@ def durations_file(setting: str) -> Path | None:
     if setting == "default":
         return default_file()
     return Path(setting) if setting else None
-
-
-def graph_key(graph: Mapping[str, Any]) -> str:
-    """A key for a graph no workflow names: its node ids and class types."""
-    shape = sorted(
-        f"{node_id}:{node.get('class_type')}" for node_id, node in graph.items() if isinstance(node, dict)
-    )
-    return "graph:" + hashlib.sha256("\n".join(shape).encode()).hexdigest()[:16]
 
 
 @dataclass(slots=True)
@@ -144,11 +135,15 @@ class Durations:
             total += max(0.0, left)
         return round(total, 1)
 
-    def save(self) -> None:
-        """Write what was learned (atomically) if anything changed; a failure is logged, not raised."""
+    def export(self) -> dict[str, Any] | None:
+        """What was learned, as the file holds it, if anything changed since the last export.
+
+        A plain copy: it can be written from another thread while learning goes on.
+        """
         if self.path is None or not self._dirty:
-            return
-        data = {
+            return None
+        self._dirty = False
+        return {
             "version": _VERSION,
             "pipelines": {
                 key: {
@@ -158,6 +153,11 @@ class Durations:
                 for key, nodes in self._steps.items()
             },
         }
+
+    def write(self, data: dict[str, Any]) -> bool:
+        """Write an export atomically (blocking: call it off the event loop). False if it failed."""
+        if self.path is None:
+            return False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(
@@ -165,6 +165,14 @@ class Durations:
             ) as handle:
                 handle.write(orjson.dumps(data, option=orjson.OPT_INDENT_2))
             os.replace(handle.name, self.path)
-            self._dirty = False
         except OSError as exc:
             log.warning("step durations not saved", path=str(self.path), error=str(exc))
+            self._dirty = True  # try again at the next save
+            return False
+        return True
+
+    def save(self) -> None:
+        """Write what was learned, if anything changed; a failure is logged, not raised."""
+        data = self.export()
+        if data is not None:
+            self.write(data)

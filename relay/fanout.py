@@ -20,13 +20,16 @@ from typing import Any, Literal
 
 import orjson
 import structlog
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Send
 from starlette.websockets import WebSocket, WebSocketState
 
-from relay.errors import CLOSE_TOO_SLOW
+from relay import eager
+from relay.eager import Unfinished
+from relay.errors import TooSlow
+from relay.events import Event, envelope
 from relay.i18n import picker
 
-__all__ = ["RAW_SEND", "Channel", "Mode", "Outgoing", "RawSend", "Subscriber", "coalesce_key", "send_message"]
+__all__ = ["Channel", "Mode", "Outgoing", "Subscriber", "coalesce_key", "send_message"]
 
 log = structlog.get_logger("relay.fanout")
 
@@ -35,16 +38,14 @@ Key = tuple[Any, ...]
 
 # How long a hopeless subscriber's closing handshake may take before the socket is left to die.
 _CLOSE_TIMEOUT = 2.0
-
-# Event types where only the latest one per (prompt, node) matters to a late reader.
-_COALESCIBLE = frozenset({"relay.progress", "relay.preview", "relay.queue"})
+_TOO_SLOW = TooSlow("too slow: reconnect with ?since= to resume")
 
 
-def coalesce_key(event: dict[str, Any]) -> Key | None:
-    event_type = event.get("type")
-    if event_type not in _COALESCIBLE:
+def coalesce_key(event: Event) -> Key | None:
+    """For the events of which only the latest per (type, prompt, node) matters to a late reader."""
+    if not event.coalesces:
         return None
-    return (event_type, event.get("prompt_id"), event.get("node"))
+    return (event.type, getattr(event, "prompt_id", None), getattr(event, "node", None))
 
 
 def send_message(payload: str | bytes) -> Message:
@@ -78,7 +79,7 @@ class Subscriber:
 
     def __init__(
         self,
-        websocket: WebSocket,
+        websocket: WebSocket[Any],
         *,
         mode: Mode,
         limit: int,
@@ -106,8 +107,8 @@ class Subscriber:
         self._bytes = 0
         # Frames are written inline until start(); hello and replayed events queue before it.
         self._started = False
-        # A send that began in offer() and had to wait for the socket; the writer finishes it.
-        self._inflight: tuple[Coroutine[Any, Any, None], Any] | None = None
+        # A send that began in deliver() and had to wait for the socket; the writer finishes it.
+        self._inflight: Unfinished | None = None
         self._overflowed = False
         self.closed = False
         self.coalesced = 0
@@ -167,47 +168,28 @@ class Subscriber:
         self._ensure_writer()
 
     def _send_now(self, message: Message) -> None:
-        """Run the server's send for this frame up to its first wait.
+        """Write a frame to a subscriber that is keeping up, without a task switch (relay.eager).
 
-        On a socket that can take data the send completes right here: no task switch, which is
-        what makes fan-out to many idle-fast tabs cheap. On a socket that applies backpressure
-        the send stops at its first wait; the writer task then finishes it before anything else,
-        so frames stay in order and this call still never waits.
+        On a socket that can take data the send completes right here, which is what makes
+        fan-out to many idle-fast tabs cheap. On one that applies backpressure the rest of the
+        send is left to the writer task, which finishes it before anything else.
         """
         send = self._send(message)
         if not isinstance(send, Coroutine):
             return
         try:
-            waiting_on = send.send(None)
-        except StopIteration:
-            return
+            self._inflight = eager.start(send)
         except (OSError, RuntimeError) as exc:
             log.debug("subscriber send failed", error=repr(exc))
             self.closed = True
             return
-        self._inflight = (send, waiting_on)
-        self._ensure_writer()
+        if self._inflight is not None:
+            self._ensure_writer()
 
     async def _finish_inflight(self) -> None:
-        """Drive a send that began in deliver() to its end, as a task would have."""
         assert self._inflight is not None
-        send, waiting_on = self._inflight
         try:
-            while True:
-                if waiting_on is None:
-                    await asyncio.sleep(0)  # a bare yield: just let the loop run once
-                else:
-                    # Take the future over as a task does with one its coroutine yields: a
-                    # future still marked as being waited on refuses a second await.
-                    waiting_on._asyncio_future_blocking = False
-                    await waiting_on
-                try:
-                    waiting_on = send.send(None)
-                except StopIteration:
-                    return
-        except BaseException:
-            send.close()
-            raise
+            await self._inflight.finish()
         finally:
             self._inflight = None
 
@@ -263,7 +245,7 @@ class Subscriber:
         await self._stop_writer()
         with contextlib.suppress(OSError, RuntimeError, TimeoutError):
             async with asyncio.timeout(_CLOSE_TIMEOUT):
-                await self.websocket.close(CLOSE_TOO_SLOW, "too slow: reconnect with ?since= to resume")
+                await self.websocket.close(_TOO_SLOW.close_code, _TOO_SLOW.message)
         self.closed = True
 
     async def _stop_writer(self) -> None:
@@ -350,41 +332,39 @@ class Channel:
     def _foreign(self, subscriber: Subscriber) -> bool:
         return subscriber.lang is not None and subscriber.lang != self.language
 
-    def _envelope(self, event: dict[str, Any], seq: int) -> dict[str, Any]:
-        envelope = {"type": event["type"], "seq": seq, "ts": round(self._clock(), 3)}
-        envelope["client_id"] = self.client_id
-        envelope.update((k, v) for k, v in event.items() if k != "type")
-        return envelope
+    def _envelope(self, event: Event, seq: int) -> dict[str, Any]:
+        return envelope(event, seq=seq, ts=round(self._clock(), 3), client_id=self.client_id)
 
-    def stamp(self, event: dict[str, Any], *, seq: int | None = None, lang: str | None = None) -> str:
-        """Serialize an event with its envelope (in ``lang``, else the channel's language)."""
-        envelope = self._envelope(event, self.seq if seq is None else seq)
-        return orjson.dumps(envelope, default=picker(lang or self.language)).decode()
+    def stamp(self, event: Event, *, seq: int | None = None, lang: str | None = None) -> str:
+        """Serialize an event that is not kept for resuming (a greeting, an error), at the
+        current ``seq``, in ``lang`` (else the channel's language)."""
+        stamped = self._envelope(event, self.seq if seq is None else seq)
+        return orjson.dumps(stamped, default=picker(lang or self.language)).decode()
 
-    def publish(self, event: dict[str, Any]) -> None:
+    def publish(self, event: Event) -> None:
         """Sequence, serialize once, remember for resuming, offer to every relay subscriber."""
         self.seq += 1
-        envelope = self._envelope(event, self.seq)
+        stamped = self._envelope(event, self.seq)
         localized = [False]
-        payload = orjson.dumps(envelope, default=picker(self.language, localized)).decode()
-        self._ring.append((self.seq, payload, envelope if localized[0] else None))
+        payload = orjson.dumps(stamped, default=picker(self.language, localized)).decode()
+        self._ring.append((self.seq, payload, stamped if localized[0] else None))
         key = coalesce_key(event)
         message, size = send_message(payload), len(payload)
         if localized[0] and self._other_languages:
-            self._publish_localized(envelope, key, (message, size))
+            self._publish_localized(stamped, key, (message, size))
             return
         for subscriber in self.subscribers:
             if subscriber.wants_relay:
                 subscriber.deliver(message, key, size)
 
-    def _publish_localized(self, envelope: dict[str, Any], key: Key | None, own: tuple[Message, int]) -> None:
+    def _publish_localized(self, stamped: dict[str, Any], key: Key | None, own: tuple[Message, int]) -> None:
         variants: dict[str | None, tuple[Message, int]] = {None: own, self.language: own}
         for subscriber in self.subscribers:
             if not subscriber.wants_relay:
                 continue
             variant = variants.get(subscriber.lang)
             if variant is None:
-                text = orjson.dumps(envelope, default=picker(subscriber.lang)).decode()
+                text = orjson.dumps(stamped, default=picker(subscriber.lang)).decode()
                 variant = variants[subscriber.lang] = (send_message(text), len(text))
             subscriber.deliver(variant[0], key, variant[1])
 
@@ -414,26 +394,7 @@ class Channel:
         foreign = lang is not None and lang != self.language
         write = picker(lang)
         return [
-            orjson.dumps(envelope, default=write).decode() if foreign and envelope is not None else payload
-            for number, payload, envelope in self._ring
+            orjson.dumps(stamped, default=write).decode() if foreign and stamped is not None else payload
+            for number, payload, stamped in self._ring
             if number > seq
         ]
-
-
-RAW_SEND = "relay.raw_send"
-
-
-class RawSend:
-    """Pure ASGI middleware: keeps the server's ``send`` of each connection in its scope.
-
-    Installed outside the framework's exception layers, so the subscribers' writers can hand
-    WebSocket frames straight to the server, and a streamed download its chunks, once its
-    response has started through the framework (which then knows not to answer with an error).
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        scope[RAW_SEND] = send
-        await self.app(scope, receive, send)

@@ -2,8 +2,9 @@
 
 Each app has its own registry (no process-wide state: tests run several relays in one
 process). Counters and histograms are updated where things happen; what is a state rather
-than an event (connections, upstream sockets by state, queue depths) is read from the live
-sessions when Prometheus scrapes, so the hot paths pay nothing for it.
+than an event (connections, upstream sockets by state, queue depths) is a :class:`LiveState`
+that the sessions report when Prometheus scrapes, so the hot paths pay nothing for it. This
+module knows nothing of sessions or sockets: it only names and renders figures.
 
 No label carries a client id or prompt id: label values come from small fixed sets (event
 types, statuses, route templates) and the workflow names in ``workflows/``.
@@ -11,8 +12,9 @@ types, statuses, route templates) and the workflow names in ``workflows/``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -20,11 +22,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from relay import __version__
 
-if TYPE_CHECKING:
-    from relay.fanout import Subscriber
-    from relay.sessions import ClientSession
-
-__all__ = ["CONTENT_TYPE", "Metrics", "workflow_label"]
+__all__ = ["CONTENT_TYPE", "LiveState", "Metrics", "workflow_label"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -38,6 +36,20 @@ _HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 
 
 def workflow_label(name: Any) -> str:
     return name if isinstance(name, str) and name else CUSTOM_GRAPH
+
+
+@dataclass(slots=True)
+class LiveState:
+    """What is open and running now, as the sessions count it at a scrape."""
+
+    connections: dict[str, int] = field(default_factory=lambda: {"relay": 0, "comfy": 0, "all": 0})
+    upstreams: dict[str, int] = field(default_factory=lambda: {"connecting": 0, "connected": 0, "down": 0})
+    prompts: dict[str, int] = field(default_factory=lambda: {"queued": 0, "running": 0})
+    clients: int = 0
+    queued_frames: int = 0
+    deepest_queue: int = 0
+    coalesced: int = 0
+    dropped: int = 0
 
 
 class Metrics:
@@ -137,9 +149,9 @@ class Metrics:
         self.retired_dropped = 0
         self.slow_closed = 0
 
-    def watch(self, sessions: Callable[[], Iterable[ClientSession]]) -> None:
-        """Report the live state of these sessions at every scrape."""
-        self.registry.register(_LiveState(self, sessions))
+    def watch(self, live: Callable[[], LiveState]) -> None:
+        """Report what ``live`` counts at every scrape."""
+        self.registry.register(_LiveCollector(self, live))
 
     def event(self, event_type: str) -> None:
         child = self._event_children.get(event_type)
@@ -147,24 +159,25 @@ class Metrics:
             child = self._event_children[event_type] = self.events.labels(event_type)
         child.inc()
 
-    def retire(self, subscriber: Subscriber) -> None:
+    def retire(self, *, coalesced: int, dropped: int, overflowed: bool) -> None:
         """A socket closed: keep what its queue counted."""
-        self.retired_coalesced += subscriber.coalesced
-        self.retired_dropped += subscriber.dropped
-        self.slow_closed += subscriber.overflowed
+        self.retired_coalesced += coalesced
+        self.retired_dropped += dropped
+        self.slow_closed += overflowed
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
-class _LiveState:
-    """Gauges read from the sessions when Prometheus scrapes."""
+class _LiveCollector:
+    """Gauges read from a LiveState when Prometheus scrapes."""
 
-    def __init__(self, metrics: Metrics, sessions: Callable[[], Iterable[ClientSession]]) -> None:
+    def __init__(self, metrics: Metrics, live: Callable[[], LiveState]) -> None:
         self._metrics = metrics
-        self._sessions = sessions
+        self._live = live
 
     def collect(self) -> Iterator[Metric]:
+        live = self._live()
         connections = GaugeMetricFamily(
             "relay_browser_connections",
             "Open browser sockets, by the events they asked for",
@@ -176,50 +189,38 @@ class _LiveState:
         prompts = GaugeMetricFamily(
             "relay_active_prompts", "Prompts the relay is following, by phase", labels=["phase"]
         )
-        by_mode = {"relay": 0, "comfy": 0, "all": 0}
-        by_state = {"connecting": 0, "connected": 0, "down": 0}
-        by_phase = {"queued": 0, "running": 0}
-        clients = depth = deepest = coalesced = dropped = 0
-        for session in self._sessions():
-            clients += 1
-            for subscriber in session.channel.subscribers:
-                by_mode[subscriber.mode] += 1
-                queued = subscriber.queued
-                depth += queued
-                deepest = max(deepest, queued)
-                coalesced += subscriber.coalesced
-                dropped += subscriber.dropped
-            if session.upstream.state in by_state:
-                by_state[session.upstream.state] += 1
-            queued_ids = session.translator.queued()
-            for prompt_id in session.translator.active():
-                by_phase["queued" if prompt_id in queued_ids else "running"] += 1
-        for mode, count in by_mode.items():
+        for mode, count in live.connections.items():
             connections.add_metric([mode], count)
-        for state, count in by_state.items():
+        for state, count in live.upstreams.items():
             upstreams.add_metric([state], count)
-        for phase, count in by_phase.items():
+        for phase, count in live.prompts.items():
             prompts.add_metric([phase], count)
         yield connections
         yield upstreams
         yield prompts
-        yield GaugeMetricFamily("relay_clients", "Client ids with a session on this relay", value=clients)
         yield GaugeMetricFamily(
-            "relay_subscriber_queue_frames", "Frames waiting in all browser sockets' queues", value=depth
+            "relay_clients", "Client ids with a session on this relay", value=live.clients
         )
         yield GaugeMetricFamily(
-            "relay_subscriber_queue_frames_max", "Frames waiting in the fullest socket's queue", value=deepest
+            "relay_subscriber_queue_frames",
+            "Frames waiting in all browser sockets' queues",
+            value=live.queued_frames,
+        )
+        yield GaugeMetricFamily(
+            "relay_subscriber_queue_frames_max",
+            "Frames waiting in the fullest socket's queue",
+            value=live.deepest_queue,
         )
         metrics = self._metrics
         yield CounterMetricFamily(
             "relay_events_coalesced",
             "Queued progress/preview frames replaced by a newer one for a slow socket",
-            value=metrics.retired_coalesced + coalesced,
+            value=metrics.retired_coalesced + live.coalesced,
         )
         yield CounterMetricFamily(
             "relay_events_dropped",
             "Queued progress/preview frames dropped from a full socket queue",
-            value=metrics.retired_dropped + dropped,
+            value=metrics.retired_dropped + live.dropped,
         )
         yield CounterMetricFamily(
             "relay_slow_sockets_closed",

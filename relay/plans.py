@@ -7,15 +7,23 @@ prompt considers are those outputs and everything feeding them, or only the
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from relay.eta import graph_key
 from relay.graph import expected_order, upstream_of
 from relay.i18n import Text
 from relay.translator import Plan, StepSpec, humanize
 
-__all__ = ["build_plan", "failed_outputs", "output_nodes", "step_name"]
+__all__ = ["build_plan", "failed_outputs", "graph_key", "output_nodes", "step_name"]
+
+
+def graph_key(graph: Mapping[str, Any]) -> str:
+    """A key for a graph no workflow names: its node ids and class types."""
+    shape = sorted(
+        f"{node_id}:{node.get('class_type')}" for node_id, node in graph.items() if isinstance(node, dict)
+    )
+    return "graph:" + hashlib.sha256("\n".join(shape).encode()).hexdigest()[:16]
 
 
 def step_name(node: Mapping[str, Any], names: Mapping[str, Text] | None = None, node_id: str = "") -> Text:

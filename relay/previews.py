@@ -26,16 +26,19 @@ class PreviewStore:
         self._items: OrderedDict[tuple[str, str], Preview] = OrderedDict()
         self._version = 0
 
-    def put(self, prompt_id: str, node: str, mime: str, data: bytes) -> str:
-        """Store a preview and return the URL that serves it."""
+    def put(self, prompt_id: str, node: str, mime: str, data: bytes) -> None:
+        """Keep a preview (the newest of its prompt and node), forgetting the oldest past ``slots``."""
         self._version += 1
         key = (prompt_id, node)
         self._items.pop(key, None)
         self._items[key] = Preview(mime, data, self._version)
         while len(self._items) > self.slots:
             self._items.popitem(last=False)
+
+    def url(self, prompt_id: str, node: str, version: int) -> str:
+        """Where a preview is served; ``version`` makes each new image a new URL for caches."""
         path = "/".join(quote(part, safe="") for part in (self.client_id, prompt_id, node))
-        return f"{self.prefix}/previews/{path}?v={self._version}"
+        return f"{self.prefix}/previews/{path}?v={version}"
 
     def get(self, prompt_id: str, node: str) -> Preview | None:
         return self._items.get((prompt_id, node))

@@ -33,7 +33,6 @@ __all__ = [
     "encode_preview",
     "encode_preview_with_metadata",
     "encode_text",
-    "file_refs",
 ]
 
 _U32 = struct.Struct(">I")
@@ -175,25 +174,3 @@ def decode_binary_frame(frame: bytes) -> BinaryFrame:
         raise ProtocolError("preview metadata is not a JSON object")
     mime = metadata.get("image_type")
     return BinaryFrame(event, image=rest, mime=mime if isinstance(mime, str) else "", metadata=metadata)
-
-
-# UI keys whose lists hold files ({filename, subfolder, type}), as output nodes report them.
-OUTPUT_FILE_KEYS = ("images", "gifs", "video", "videos", "audio", "files", "meshes", "3d")
-
-
-def file_refs(output: Any) -> list[tuple[str, dict[str, str]]]:
-    """``(kind, {filename, subfolder, type})`` for each file in one node's UI output."""
-    if not isinstance(output, dict):
-        return []
-    refs = []
-    for kind in OUTPUT_FILE_KEYS:
-        entries = output.get(kind)
-        for entry in entries if isinstance(entries, list) else ():
-            if isinstance(entry, dict) and isinstance(entry.get("filename"), str):
-                ref = {
-                    "filename": entry["filename"],
-                    "subfolder": str(entry.get("subfolder", "")),
-                    "type": str(entry.get("type", "output")),
-                }
-                refs.append((kind, ref))
-    return refs

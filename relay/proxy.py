@@ -11,9 +11,9 @@ reach it. Every route is served at its own path and under ``/api``, as ComfyUI d
 from __future__ import annotations
 
 import asyncio
-import posixpath
 from collections.abc import Awaitable, Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypedDict
 from urllib.parse import quote
 
 import orjson
@@ -23,12 +23,14 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
+from relay.asgi import RAW_SEND
+from relay.comfy import ComfyClient
 from relay.errors import BadRequest
-from relay.fanout import RAW_SEND
+from relay.filenames import upstream_safe_name, upstream_safe_subfolder
 from relay.routing import restore_client_ids
-from relay.streaming import BodyCutShort, StreamedAnswer
+from relay.streaming import BodyCutShort, StreamedAnswer, StreamingClient
 
-__all__ = ["forward", "proxy_routes", "upstream_safe_name", "upstream_safe_subfolder", "validate_view_query"]
+__all__ = ["ProxyContext", "forward", "proxy_of", "proxy_routes", "validate_view_query"]
 
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
@@ -43,6 +45,27 @@ _ANNOTATIONS = (" [output]", " [input]", " [temp]", "[output]", "[input]", "[tem
 log = structlog.get_logger("relay.proxy")
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyContext:
+    """What the proxy needs from the running relay, and nothing more."""
+
+    comfy: ComfyClient
+    streams: StreamingClient
+    max_upload_bytes: int
+    # Prompts were deleted from ComfyUI's queue: the relay ends the removed ones as cancelled.
+    queue_changed: Callable[[], Awaitable[None]]
+
+
+class _State(TypedDict):
+    proxy: ProxyContext
+
+
+def proxy_of(request: Request) -> ProxyContext:
+    """The proxy's part of the lifespan state."""
+    state: _State = request.scope["state"]
+    return state["proxy"]
 
 
 def _upstream_headers(request: Request) -> list[tuple[str, str]]:
@@ -63,7 +86,7 @@ async def forward(request: Request, path: str, *, content: Any = None, length: i
 
     ``length`` is the size of a streamed ``content``, sent as its Content-Length.
     """
-    comfy = request.app.state.relay.comfy
+    comfy = proxy_of(request).comfy
     sent = _upstream_headers(request)
     if length is not None:
         sent.append(("content-length", str(length)))
@@ -75,25 +98,6 @@ async def forward(request: Request, path: str, *, content: Any = None, length: i
         await upstream.aclose()
         return Response(status_code=upstream.status_code, headers=headers)
     return StreamingResponse(comfy.body_of(upstream), status_code=upstream.status_code, headers=headers)
-
-
-def _unsafe_name(name: str) -> bool:
-    return "\\" in name or "\x00" in name
-
-
-def upstream_safe_name(name: str) -> bool:
-    """A file name ComfyUI will keep inside its folder (its own rule: no '..', no leading '/')."""
-    return not (name.startswith("/") or ".." in name or _unsafe_name(name))
-
-
-def upstream_safe_subfolder(subfolder: str) -> bool:
-    """A subfolder that stays inside its folder."""
-    if not subfolder:
-        return True
-    normal = posixpath.normpath(subfolder)
-    return not (
-        subfolder.startswith("/") or normal == ".." or normal.startswith("../") or _unsafe_name(subfolder)
-    )
 
 
 def validate_view_query(query: Any) -> None:
@@ -121,7 +125,7 @@ def validate_view_query(query: Any) -> None:
 async def view(request: Request) -> Response:
     """GET/HEAD /view on the download data path (:mod:`relay.streaming`), validated first."""
     validate_view_query(request.query_params)
-    streams = request.app.state.relay.streams
+    streams = proxy_of(request).streams
     target = _path_with_query(request, "/view")
     answer = await streams.open(request.method, target, _upstream_headers(request))
     return Passthrough(answer)
@@ -202,7 +206,7 @@ async def post_queue(request: Request) -> Response:
     body = await _json_body(request)
     response = await forward(request, "/queue", content=body)
     if response.status_code == 200:
-        await request.app.state.relay.sessions.settle_removed()
+        await proxy_of(request).queue_changed()
     return response
 
 
@@ -226,7 +230,7 @@ async def _answer_with_client_ids(request: Request, path: str, shape: str) -> An
     The answer is read whole to rewrite it, as ComfyUI builds it whole: ask /history with
     ``max_items`` for a long one.
     """
-    answer = await request.app.state.relay.comfy.request("GET", _path_with_query(request, path))
+    answer = await proxy_of(request).comfy.request("GET", _path_with_query(request, path))
     try:
         body = answer.json() if answer.status == 200 else None
     except orjson.JSONDecodeError:

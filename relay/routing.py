@@ -1,4 +1,4 @@
-"""Under which ComfyUI clientId the relay's sockets register, and how answers are mapped back.
+"""Client ids, the routing ids the relay's sockets register under at ComfyUI, and answers mapped back.
 
 ComfyUI keeps one socket per clientId and sends a prompt's events to the socket registered
 under the prompt's ``client_id``. When a socket it still holds open finally closes, its cleanup
@@ -16,10 +16,14 @@ kept beside it in ``extra_data``, from where it is put back in the relay's answe
 
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Any
 
-__all__ = ["CLIENT_KEY", "restore_client_ids", "routed_prompt", "routing_id"]
+__all__ = ["CLIENT_ID", "CLIENT_KEY", "restore_client_ids", "routed_prompt", "routing_id"]
+
+# What a client id may be (a socket's ?clientId=, a prompt's client_id).
+CLIENT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 # Where the client's own id travels in a prompt's extra_data.
 CLIENT_KEY = "relay_client_id"

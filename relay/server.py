@@ -15,9 +15,10 @@ from dataclasses import replace
 import uvicorn
 from starlette.applications import Starlette
 
-from relay.app import RelayState, create_app
+from relay.app import create_app
 from relay.config import RelayConfig
 from relay.serving import InLoopServer
+from relay.state import RelayState
 
 __all__ = ["RelayServer", "RunningRelay", "run_relay", "tune_gc", "uvicorn_config"]
 
@@ -55,12 +56,19 @@ def uvicorn_config(app: Starlette, config: RelayConfig) -> uvicorn.Config:
 class RelayServer(uvicorn.Server):
     """uvicorn, with the relay closing its clients with 1001 before uvicorn drops connections."""
 
+    @property
+    def relay_state(self) -> RelayState | None:
+        """What the app's lifespan opened, while it runs."""
+        lifespan = getattr(self, "lifespan", None)
+        state = getattr(lifespan, "state", None) or {}
+        relay: RelayState | None = state.get("relay")
+        return relay if isinstance(relay, RelayState) else None
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:
             server.close()
-        app = self.config.app
-        state = getattr(getattr(app, "state", None), "relay", None)
-        if isinstance(state, RelayState):
+        state = self.relay_state
+        if state is not None:
             await state.close_clients()
         await super().shutdown(sockets)
 
@@ -73,12 +81,15 @@ class RunningRelay(InLoopServer):
     def _serve(self, port: int) -> tuple[Starlette, uvicorn.Server]:
         config = replace(self.config, port=port)
         app = create_app(config)
-        return app, RelayServer(uvicorn_config(app, config))
+        self._relay_server = RelayServer(uvicorn_config(app, config))
+        return app, self._relay_server
 
     @property
     def state(self) -> RelayState:
-        assert self.app is not None, "the relay is not running"
-        state: RelayState = self.app.state.relay
+        """The running relay's resources (what its lifespan opened)."""
+        server: RelayServer | None = getattr(self, "_relay_server", None)
+        state = server.relay_state if server is not None else None
+        assert state is not None, "the relay is not running"
         return state
 
 

@@ -1,4 +1,10 @@
-"""Per-client state: the upstream socket, the translator, the event channel and previews.
+"""Per-client wiring: upstream socket -> translator -> channel, and the observers after it.
+
+A :class:`ClientSession` decides nothing about frames (the translator does) and delivers
+nothing itself (the channel does): it hands each upstream frame to the translator, applies
+what comes back (keep a preview, publish events, forward the raw frame, pass timings on to the
+ETA) and tells the observers. Its own concerns are the socket's lifecycle, the routing id each
+prompt went out under, and settling prompts whose end it could not hear.
 
 A session exists while a client has tabs open, prompts in flight, or recent events worth
 resuming from. Its upstream socket opens on the first tab or prompt and closes after
@@ -10,25 +16,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlencode
 
-import orjson
 import structlog
 
 from relay.comfy import ComfyClient
 from relay.config import RelayConfig
 from relay.errors import RelayError, UpstreamUnavailable
-from relay.eta import Durations
+from relay.events import Detached, Done, Event, Queued, Snapshot
+from relay.events import Upstream as UpstreamEvent
 from relay.fanout import Channel, Subscriber
-from relay.metrics import Metrics, workflow_label
+from relay.metrics import LiveState, Metrics
+from relay.observers import Observer
 from relay.previews import PreviewStore
-from relay.protocol import BinaryEvent, ImageFormat, ProtocolError, decode_binary_frame, encode_preview
-from relay.translator import Translator
+from relay.translator import Estimates, StepTiming, Translation, Translator
 from relay.upstream import State, Upstream
 
-__all__ = ["ClientSession", "Sessions"]
+__all__ = ["ClientSession", "Sessions", "live_state"]
 
 log = structlog.get_logger("relay.session")
 
@@ -42,19 +48,24 @@ class ClientSession:
         client_id: str,
         config: RelayConfig,
         comfy: ComfyClient,
-        durations: Durations | None = None,
+        durations: Estimates | None = None,
         metrics: Metrics | None = None,
+        *,
+        observers: Sequence[Observer] = (),
+        learn: Callable[[StepTiming], None] | None = None,
     ) -> None:
         self.client_id = client_id
+        # Frames and reconnects are counted here: no event says them.
         self.metrics = metrics or Metrics()
-        # The workflow of each prompt in flight, as metrics label it.
-        self._workflows: dict[str, str] = {}
         self.config = config
         self.comfy = comfy
         self.channel = Channel(client_id, ring_size=config.ring_size, language=config.language)
         self.previews = PreviewStore(client_id, slots=config.preview_slots, prefix=config.public_prefix)
-        self.durations = durations
-        self.translator = Translator(file_url=self._file_url, durations=durations)
+        self.translator = Translator(
+            file_url=self._file_url, preview_url=self.previews.url, durations=durations
+        )
+        self.observers = tuple(observers)
+        self._learn = learn
         self.upstream = Upstream(client_id, self, config)
         self.log = log.bind(client_id=client_id)
         # POSTs between registering a prompt and ComfyUI's answer keep the upstream open.
@@ -133,7 +144,7 @@ class ClientSession:
             "the relay's socket to ComfyUI was lost without a clean close; ComfyUI sends this "
             "prompt's progress to that socket, so only its end can be reported"
         )
-        self.publish([{"type": "relay.detached", "prompt_id": p, "reason": reason} for p in lost])
+        self.publish([Detached(p, reason) for p in lost])
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.create_task(self._watch_detached(), name=f"detached-{self.client_id}")
 
@@ -150,58 +161,29 @@ class ClientSession:
 
     # Publishing -------------------------------------------------------------------------
 
-    def publish(self, events: list[dict[str, Any]]) -> None:
+    def apply(self, translation: Translation) -> None:
+        """Carry out what the translator said: keep the preview, publish, forward, learn."""
+        preview = translation.preview
+        if preview is not None:
+            self.previews.put(preview.prompt_id, preview.node, preview.mime, preview.data)
+        if self._learn is not None:
+            for timing in translation.timings:
+                self._learn(timing)
+        self.publish(translation.events)
+        forward = translation.forward
+        if forward is not None:
+            self.channel.publish_raw(forward.payload, key=forward.key, legacy=forward.legacy)
+
+    def publish(self, events: Iterable[Event]) -> None:
         for event in events:
             self.channel.publish(event)
-            self._log(event)
-            self._count(event)
-            if event["type"] == "relay.done":
-                self.routes.pop(event["prompt_id"], None)
-                self.detached.discard(event["prompt_id"])
-                if self.durations is not None:
-                    self.durations.save()  # what this run taught, kept across restarts
-            elif event["type"] == "relay.queued":
+            for observer in self.observers:
+                observer.published(self.client_id, event)
+            if isinstance(event, Done):
+                self.routes.pop(event.prompt_id, None)
+                self.detached.discard(event.prompt_id)
+            elif isinstance(event, Queued):
                 self._check_routes()  # the socket may have been lost while ComfyUI answered
-
-    def _count(self, event: dict[str, Any]) -> None:
-        kind = event["type"]
-        metrics = self.metrics
-        metrics.event(kind)
-        if kind == "relay.queued":
-            self._workflows[event["prompt_id"]] = workflow_label(event.get("workflow"))
-        elif kind == "relay.step" and event["state"] == "done" and "duration" in event:
-            workflow = self._workflows.get(event["prompt_id"], workflow_label(None))
-            metrics.step_seconds.labels(workflow).observe(event["duration"])
-        elif kind == "relay.done":
-            workflow = self._workflows.pop(event["prompt_id"], workflow_label(None))
-            metrics.prompts.labels(event["status"], workflow).inc()
-            if event["status"] != "cancelled":
-                metrics.prompt_seconds.labels(workflow).observe(event["elapsed"])
-
-    def _log(self, event: dict[str, Any]) -> None:
-        kind = event["type"]
-        if kind == "relay.step" and event["state"] == "running":
-            width = len(str(event["total"]))
-            position = f"[{event['index']:>{width}}/{event['total']}]"
-            self.log.info(
-                f"{position} {event['name']} (elapsed {event['elapsed']:.1f} s)",
-                prompt_id=event["prompt_id"],
-                node=event["node"],
-            )
-        elif kind == "relay.step" and event["state"] == "error":
-            self.log.warning(
-                "step failed", prompt_id=event["prompt_id"], node=event["node"], name=event["name"]
-            )
-        elif kind == "relay.queued":
-            self.log.info(
-                "prompt queued", prompt_id=event["prompt_id"], number=event["number"], total=event["total"]
-            )
-        elif kind == "relay.started":
-            self.log.info("prompt started", prompt_id=event["prompt_id"], total=event["total"],
-                          cached=len(event["cached"]), queued_for=event["queued_for"])  # fmt: skip
-        elif kind == "relay.done":
-            self.log.info("prompt ended", prompt_id=event["prompt_id"], status=event["status"],
-                          elapsed=event["elapsed"], recovered=event["recovered"])  # fmt: skip
 
     def _file_url(self, ref: Any) -> str:
         query = urlencode({"filename": ref["filename"], "subfolder": ref["subfolder"], "type": ref["type"]})
@@ -210,83 +192,16 @@ class ClientSession:
     # UpstreamHandler ---------------------------------------------------------------------
 
     def on_frame(self, frame: str | bytes) -> None:
-        now = time.monotonic()
-        if isinstance(frame, str):
-            self.metrics.comfy_text.inc()
-            self._on_text(frame, now)
-        else:
-            self.metrics.comfy_binary.inc()
-            self._on_binary(frame, now)
-
-    def _on_text(self, frame: str, now: float) -> None:
-        try:
-            message = orjson.loads(frame)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(message, dict):
-            return
-        ours = self._is_ours(message)
-        if message.get("type") == "status" and self.detached:
+        (self.metrics.comfy_text if isinstance(frame, str) else self.metrics.comfy_binary).inc()
+        translation = self.translator.frame(frame, time.monotonic())
+        if translation.queue_status and self.detached:
             self._queue_moved.set()
-        self.publish(self.translator.feed(message, now))
-        if ours:
-            key = (
-                (message.get("type"), None, None)
-                if message.get("type") in ("progress", "progress_state")
-                else None
-            )
-            self.channel.publish_raw(frame, key=key)
-
-    def _is_ours(self, message: dict[str, Any]) -> bool:
-        """Whether a raw ComfyUI message may be forwarded to this client's raw subscribers."""
-        message_type = message.get("type")
-        if message_type == "feature_flags":
-            return False  # the reply to the relay's own negotiation
-        if message_type == "status":
-            return True  # queue size only, no content
-        data = message.get("data")
-        prompt_id = data.get("prompt_id") if isinstance(data, dict) else None
-        if prompt_id is None:
-            return message_type == "executing" and self.translator.running is not None
-        return self.translator.knows(str(prompt_id))
-
-    def _on_binary(self, frame: bytes, now: float) -> None:
-        try:
-            decoded = decode_binary_frame(frame)
-        except ProtocolError:
-            return
-        translator = self.translator
-        if decoded.event is BinaryEvent.TEXT:
-            if translator.running is not None:
-                self.publish(translator.text(decoded.node_id, decoded.text, now))
-                self.channel.publish_raw(frame)
-            return
-        metadata = decoded.metadata or {}
-        prompt_id = (
-            metadata.get("prompt_id") if decoded.event is BinaryEvent.PREVIEW_IMAGE_WITH_METADATA else None
-        )
-        if prompt_id is None:
-            # A legacy preview: ours only if our prompt runs and the server has no metadata.
-            if translator.metadata_supported or translator.running is None:
-                return
-            prompt_id = translator.running
-        if not isinstance(prompt_id, str) or not translator.knows(prompt_id):
-            return
-        node = str(metadata.get("node_id") or translator.current_node(prompt_id) or "")
-        url = self.previews.put(prompt_id, node, decoded.mime, decoded.image)
-        self.publish(translator.preview(prompt_id, node, decoded.mime, url, now))
-        legacy = None
-        if decoded.event is BinaryEvent.PREVIEW_IMAGE_WITH_METADATA:
-            with contextlib.suppress(ProtocolError):
-                legacy = encode_preview(decoded.image, ImageFormat.from_mime(decoded.mime))
-        self.channel.publish_raw(frame, key=("preview", prompt_id, node), legacy=legacy)
+        self.apply(translation)
 
     def on_state(self, state: State, attempt: int, reason: str | None) -> None:
         if state == "closed":
             return
-        if state == "down":
-            self.metrics.upstream_failures.inc()
-        self.publish([{"type": "relay.upstream", "state": state, "attempt": attempt, "reason": reason}])
+        self.publish([UpstreamEvent(state, attempt, reason)])
 
     async def on_connected(self, reconnected: bool) -> None:
         if reconnected:
@@ -326,14 +241,14 @@ class ClientSession:
                 entry = (await self.comfy.history(prompt_id)).get(prompt_id)
                 now = time.monotonic()
                 if isinstance(entry, dict):
-                    events = self.translator.recover(prompt_id, entry, now)
+                    ended = self.translator.recover(prompt_id, entry, now)
                 elif removed and prompt_id in self.translator.queued():
-                    events = self.translator.cancelled(prompt_id, now)
+                    ended = self.translator.cancelled(prompt_id, now)
                 else:
                     reason = "ComfyUI no longer knows this prompt (it may have restarted); its result is lost"
-                    events = self.translator.lost(prompt_id, reason, now)
-                closed += bool(events)
-                self.publish(events)
+                    ended = self.translator.lost(prompt_id, reason, now)
+                closed += bool(ended.events)
+                self.apply(ended)
             return closed
         except RelayError as exc:
             self.log.warning("could not reconcile prompts", reason=exc.message)
@@ -341,7 +256,7 @@ class ClientSession:
 
     # Snapshots for clients that cannot resume ---------------------------------------------
 
-    def snapshots(self) -> Iterator[dict[str, Any]]:
+    def snapshots(self) -> Iterator[Snapshot]:
         now = time.monotonic()
         for prompt_id in self.translator.active():
             snapshot = self.translator.snapshot(prompt_id, now)
@@ -356,13 +271,18 @@ class Sessions:
         self,
         config: RelayConfig,
         comfy: ComfyClient,
-        durations: Durations | None = None,
+        durations: Estimates | None = None,
         metrics: Metrics | None = None,
+        *,
+        observers: Sequence[Observer] = (),
+        learn: Callable[[StepTiming], None] | None = None,
     ) -> None:
         self.config = config
         self.comfy = comfy
         self.durations = durations
         self.metrics = metrics or Metrics()
+        self.observers = tuple(observers)
+        self.learn = learn
         self._sessions: dict[str, ClientSession] = {}
         self._reaper: asyncio.Task[None] | None = None
 
@@ -370,7 +290,13 @@ class Sessions:
         session = self._sessions.get(client_id)
         if session is None:
             session = self._sessions[client_id] = ClientSession(
-                client_id, self.config, self.comfy, self.durations, self.metrics
+                client_id,
+                self.config,
+                self.comfy,
+                self.durations,
+                self.metrics,
+                observers=self.observers,
+                learn=self.learn,
             )
         return session
 
@@ -385,6 +311,10 @@ class Sessions:
 
     def __iter__(self) -> Iterator[ClientSession]:
         return iter(list(self._sessions.values()))
+
+    def live_state(self) -> LiveState:
+        """What is open and running now, for the metrics scrape."""
+        return live_state(self._sessions.values())
 
     def start(self) -> None:
         self._reaper = asyncio.create_task(self._reap_forever(), name="relay-session-reaper")
@@ -415,3 +345,23 @@ class Sessions:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
         await asyncio.gather(*(s.close() for s in self._sessions.values()), return_exceptions=True)
+
+
+def live_state(sessions: Iterable[ClientSession]) -> LiveState:
+    """Count sockets by mode, upstreams by state, prompts by phase and queued frames."""
+    live = LiveState()
+    for session in sessions:
+        live.clients += 1
+        for subscriber in session.channel.subscribers:
+            live.connections[subscriber.mode] += 1
+            queued = subscriber.queued
+            live.queued_frames += queued
+            live.deepest_queue = max(live.deepest_queue, queued)
+            live.coalesced += subscriber.coalesced
+            live.dropped += subscriber.dropped
+        if session.upstream.state in live.upstreams:
+            live.upstreams[session.upstream.state] += 1
+        queued_ids = session.translator.queued()
+        for prompt_id in session.translator.active():
+            live.prompts["queued" if prompt_id in queued_ids else "running"] += 1
+    return live

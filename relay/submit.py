@@ -32,8 +32,8 @@ import orjson
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
+from relay.events import history_outcome
 from relay.terminal import LiveRenderer, PlainRenderer, Renderer, RunView
-from relay.translator import history_outcome
 
 __all__ = [
     "EXIT_FAILED",

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TextIO
 from urllib.parse import urlencode, urljoin
 
-from relay.protocol import file_refs
+from relay.events import file_refs
 
 __all__ = [
     "LiveRenderer",

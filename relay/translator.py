@@ -1,8 +1,10 @@
-"""ComfyUI's node-level messages in, step-indexed relay events out.
+"""ComfyUI's frames in, step-indexed relay events out: one client's translation state.
 
-Pure: frames and the current time go in, event dicts come out. No awaits, no clocks, no
-sockets. The I/O layers (upstream socket, fan-out) stamp each event with ``seq``, ``ts`` and
-``client_id`` and deliver it.
+Pure: every upstream frame (text or binary, as received) and the current time go in; a
+:class:`Translation` comes out, holding typed events (:mod:`relay.events`) and what the
+wiring must do besides publishing them: forward the raw frame to ``events=comfy|all``
+subscribers, keep a preview image, learn a step's duration. No awaits, no clocks, no sockets,
+no files. Every rule about whose frame is whose lives here.
 
 Step semantics (the contract in ``docs/events.md``):
 
@@ -19,19 +21,57 @@ broadcasts some of them to every socket) are dropped, so no client sees another'
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
-from relay.eta import Durations
-from relay.i18n import Text
-from relay.protocol import file_refs
+import orjson
 
-__all__ = ["Plan", "StepSpec", "Translator", "history_outcome", "humanize"]
+from relay.events import (
+    Done,
+    Event,
+    Output,
+    Preview,
+    Progress,
+    Queue,
+    Queued,
+    Snapshot,
+    Started,
+    Step,
+    Text,
+    file_refs,
+    history_outcome,
+)
+from relay.i18n import Text as Name
+from relay.protocol import BinaryEvent, ImageFormat, ProtocolError, decode_binary_frame, encode_preview
 
-Event = dict[str, Any]
+__all__ = [
+    "Estimates",
+    "Forward",
+    "Plan",
+    "PreviewImage",
+    "StepSpec",
+    "StepTiming",
+    "Translation",
+    "Translator",
+    "humanize",
+]
+
+
+class Estimates(Protocol):
+    """Learned step durations, read for ``eta`` (relay.eta.Durations)."""
+
+    def remaining(
+        self,
+        key: str,
+        pending: Iterable[tuple[str, int | None]],
+        current: tuple[str, float, float, int | None] | None,
+    ) -> float | None: ...
+
+
 Phase = Literal["registered", "queued", "running", "finished"]
 
 _FINISHED_RUNS_KEPT = 64
@@ -49,7 +89,7 @@ def humanize(class_type: str) -> str:
 class StepSpec:
     node: str
     class_type: str
-    name: Text  # a workflow's names are Localized: written in each tab's language
+    name: Name  # a workflow's names are Localized: written in each tab's language
     iterations: int | None = None  # progress steps expected (a sampler's ``steps`` input)
 
 
@@ -125,42 +165,69 @@ class _Run:
         return round(max(0.0, end - self.started_at), 3)
 
 
-def history_outcome(entry: Mapping[str, Any]) -> tuple[str, dict[str, Any] | None]:
-    """How a finished prompt ended, from its ``/history`` entry: ``(status, error)``.
+# What a frame asks of the wiring besides publishing events -----------------------------------
 
-    ``status`` is ``success``, ``error`` or ``interrupted``; ``error`` is the ``relay.done``
-    error object (``None`` on success), read from the terminal message ComfyUI kept.
-    """
-    status_info = entry.get("status")
-    messages = status_info.get("messages") if isinstance(status_info, dict) else None
-    terminal = {m[0]: m[1] for m in messages or [] if isinstance(m, list) and len(m) == 2}
-    if isinstance(terminal.get("execution_error"), dict):
-        data = terminal["execution_error"]
-        message = data.get("exception_message")
-        return "error", {
-            "node": data.get("node_id"),
-            "class_type": data.get("node_type"),
-            "exception_type": data.get("exception_type"),
-            "message": message.strip() if isinstance(message, str) else message,
-        }
-    if isinstance(terminal.get("execution_interrupted"), dict):
-        data = terminal["execution_interrupted"]
-        error = {"node": data.get("node_id"), "class_type": data.get("node_type"), "exception_type": None,
-                 "message": "interrupted"}  # fmt: skip
-        return "interrupted", error
-    return "success", None
+Key = tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """The frame as ComfyUI sent it, for this client's ``events=comfy|all`` subscribers."""
+
+    payload: str | bytes
+    # Frames of the same key replace one another for a subscriber that fell behind.
+    key: Key | None = None
+    # The event-1 form of an event-4 preview, for clients that did not negotiate metadata.
+    legacy: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PreviewImage:
+    """A live preview to keep, to be served at the URL its ``relay.preview`` names."""
+
+    prompt_id: str
+    node: str
+    mime: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StepTiming:
+    """A step ran this long: what the ETA learns from (``iterations`` when it reported progress)."""
+
+    timing_key: str
+    node: str
+    seconds: float
+    iterations: int | None
+
+
+@dataclass(slots=True)
+class Translation:
+    events: list[Event] = field(default_factory=list)
+    forward: Forward | None = None
+    preview: PreviewImage | None = None
+    timings: list[StepTiming] = field(default_factory=list)
+    # ComfyUI announced its queue (a prompt may have ended somewhere).
+    queue_status: bool = False
 
 
 class Translator:
     """Per-client translation state: the prompts this client submitted through the relay."""
 
     def __init__(
-        self, *, file_url: Callable[[Mapping[str, Any]], str], durations: Durations | None = None
+        self,
+        *,
+        file_url: Callable[[Mapping[str, Any]], str],
+        preview_url: Callable[[str, str, int], str] = lambda prompt, node, version: "",
+        durations: Estimates | None = None,
     ) -> None:
         self._file_url = file_url
+        self._preview_url = preview_url
+        # Read for ``eta``; what runs teach is handed out as StepTiming, never written here.
         self._durations = durations
         self._runs: dict[str, _Run] = {}
         self._finished: OrderedDict[str, _Run] = OrderedDict()
+        self._timings: list[StepTiming] = []
         self.running: str | None = None
         self.queue_remaining: int | None = None
         self.metadata_supported = False
@@ -173,6 +240,10 @@ class Translator:
         run = self._runs.get(prompt_id)
         return run.current if run is not None else None
 
+    def _out(self, events: list[Event], **more: Any) -> Translation:
+        timings, self._timings = self._timings, []
+        return Translation(events, timings=timings, **more)
+
     # Registration (from the relay's own POST /prompt) -------------------------------------
 
     def register(self, prompt_id: str, plan: Plan, now: float) -> None:
@@ -182,11 +253,11 @@ class Translator:
 
     def accept(
         self, prompt_id: str, number: float | int | None, now: float, plan: Plan | None = None
-    ) -> list[Event]:
+    ) -> Translation:
         """ComfyUI accepted the prompt: announce it, then replay frames that raced the answer."""
         run = self._runs.get(prompt_id)
         if run is None or run.phase != "registered":
-            return []
+            return Translation()
         if plan is not None:
             run.plan = plan
             run.steps = OrderedDict((spec.node, _Step(spec)) for spec in plan.steps)
@@ -194,13 +265,11 @@ class Translator:
         run.number = number
         run.queued_at = now
         steps = [{"node": s.node, "class_type": s.class_type, "name": s.name} for s in run.plan.steps]
-        events = [self._event(run, "relay.queued", number=number, total=run.total, steps=steps)]
-        if run.plan.workflow is not None:
-            events[0]["workflow"] = run.plan.workflow
+        events: list[Event] = [Queued(prompt_id, number, run.total, steps, run.plan.workflow)]
         held, run.held = run.held, []
         for kind, payload, at in held:
             events += self._dispatch(kind, payload, at)
-        return events
+        return self._out(events)
 
     def reject(self, prompt_id: str) -> None:
         """ComfyUI refused the prompt (or could not be reached): forget it, no events."""
@@ -208,23 +277,72 @@ class Translator:
 
     # Frames from the upstream socket -------------------------------------------------------
 
-    def feed(self, message: Mapping[str, Any], now: float) -> list[Event]:
-        """A JSON message from ComfyUI."""
-        return self._dispatch("json", message, now)
+    def frame(self, frame: str | bytes, now: float) -> Translation:
+        """One frame as ComfyUI sent it: JSON text, or a binary preview or progress text."""
+        if isinstance(frame, str):
+            return self._text_frame(frame, now)
+        return self._binary_frame(frame, now)
 
-    def text(self, node: str, text: str, now: float) -> list[Event]:
-        """A progress-text frame. ComfyUI sends these to everybody; only ours while we run count."""
-        return self._dispatch("text", (node, text), now)
+    def _text_frame(self, frame: str, now: float) -> Translation:
+        try:
+            message = orjson.loads(frame)
+        except orjson.JSONDecodeError:
+            return Translation()
+        if not isinstance(message, dict):
+            return Translation()
+        message_type = message.get("type")
+        forward = None
+        if self._is_ours(message):  # judged before the message changes what is running
+            key = (message_type, None, None) if message_type in ("progress", "progress_state") else None
+            forward = Forward(frame, key)
+        events = self._dispatch("json", message, now)
+        return self._out(events, forward=forward, queue_status=message_type == "status")
 
-    def preview(
-        self, prompt_id: str | None, node: str | None, mime: str, url: str, now: float
-    ) -> list[Event]:
-        """A live preview that the I/O layer stored at ``url``.
+    def _is_ours(self, message: Mapping[str, Any]) -> bool:
+        """Whether a raw ComfyUI message may be forwarded to this client's raw subscribers."""
+        message_type = message.get("type")
+        if message_type == "feature_flags":
+            return False  # the reply to the relay's own negotiation
+        if message_type == "status":
+            return True  # queue size only, no content
+        data = message.get("data")
+        prompt_id = data.get("prompt_id") if isinstance(data, dict) else None
+        if prompt_id is None:
+            return message_type == "executing" and self.running is not None
+        return self.knows(str(prompt_id))
 
-        ``prompt_id`` is None for legacy previews, which are ours only if our prompt runs and
-        the server does not do preview metadata.
-        """
-        return self._dispatch("preview", (prompt_id, node, mime, url), now)
+    def _binary_frame(self, frame: bytes, now: float) -> Translation:
+        try:
+            decoded = decode_binary_frame(frame)
+        except ProtocolError:
+            return Translation()
+        if decoded.event is BinaryEvent.TEXT:
+            # ComfyUI sends progress text to every socket: ours only while our prompt runs.
+            if self.running is None:
+                return Translation()
+            events = self._dispatch("text", (decoded.node_id, decoded.text), now)
+            return self._out(events, forward=Forward(frame))
+        metadata = decoded.metadata or {}
+        with_metadata = decoded.event is BinaryEvent.PREVIEW_IMAGE_WITH_METADATA
+        prompt_id = metadata.get("prompt_id") if with_metadata else None
+        if prompt_id is None:
+            # A legacy preview: ours only if our prompt runs and the server has no metadata.
+            if self.metadata_supported or self.running is None:
+                return Translation()
+            prompt_id = self.running
+        if not isinstance(prompt_id, str) or not self.knows(prompt_id):
+            return Translation()
+        node = str(metadata.get("node_id") or self.current_node(prompt_id) or "")
+        legacy = None
+        if with_metadata:
+            with contextlib.suppress(ProtocolError):
+                legacy = encode_preview(decoded.image, ImageFormat.from_mime(decoded.mime))
+        events = self._dispatch("preview", (prompt_id, node, decoded.mime), now)
+        return self._out(
+            events,
+            forward=Forward(frame, ("preview", prompt_id, node), legacy),
+            preview=PreviewImage(prompt_id, node, decoded.mime, decoded.image),
+        )
 
     def _dispatch(self, kind: str, payload: Any, now: float) -> list[Event]:
         prompt_id = self._prompt_of(kind, payload)
@@ -243,23 +361,20 @@ class Translator:
             return []
         if kind == "text":
             node, text = payload
-            return [self._event(run, "relay.text", node=node, text=text)]
+            return [Text(run.prompt_id, node, text)]
         if kind == "preview":
-            _, node, mime, url = payload
+            _, node, mime = payload
             run.preview_version += 1
             node = node or run.current
-            return [
-                self._event(run, "relay.preview", node=node, mime=mime, url=url, version=run.preview_version)
-            ]
+            url = self._preview_url(run.prompt_id, node or "", run.preview_version)
+            return [Preview(run.prompt_id, node, mime, url, run.preview_version)]
         return self._message(run, payload, now)
 
     def _prompt_of(self, kind: str, payload: Any) -> str | None:
         if kind == "text":
             return self.running
         if kind == "preview":
-            prompt_id, *_ = payload
-            if prompt_id is None and not self.metadata_supported:
-                return self.running
+            prompt_id: Any = payload[0]
             return prompt_id if isinstance(prompt_id, str) else None
         data = payload.get("data")
         if not isinstance(data, dict):
@@ -284,7 +399,7 @@ class Translator:
                 return []
             if remaining != self.queue_remaining:
                 self.queue_remaining = remaining
-                return [{"type": "relay.queue", "remaining": remaining}]
+                return [Queue(remaining)]
         return []
 
     def _message(self, run: _Run, message: Mapping[str, Any], now: float) -> list[Event]:
@@ -359,17 +474,7 @@ class Translator:
             run.next_index += 1
         run.started_sent = True
         queued_for = round(max(0.0, (run.started_at or now) - (run.queued_at or run.registered_at)), 3)
-        return [
-            self._event(
-                run,
-                "relay.started",
-                total=run.total,
-                cached=cached,
-                completed=run.completed,
-                queued_for=queued_for,
-                **self._eta(run, now),
-            )
-        ]
+        return [Started(run.prompt_id, run.total, cached, run.completed, queued_for, self._eta(run, now))]
 
     def _step_for(self, run: _Run, node: str) -> _Step:
         step = run.steps.get(node)
@@ -405,9 +510,9 @@ class Translator:
             return []
         step.state = "done"
         step.duration = round(now - (step.started or now), 3)
-        if self._durations is not None and run.plan.timing_key is not None:
+        if run.plan.timing_key is not None:
             iterations = step.iterations if step.iterations and step.iterations > 1 else None
-            self._durations.record(run.plan.timing_key, node, step.duration, iterations)
+            self._timings.append(StepTiming(run.plan.timing_key, node, step.duration, iterations))
         if run.current == node:
             run.current = None
             run.fraction = 0.0
@@ -429,17 +534,16 @@ class Translator:
         run.fraction = max(0.0, min(1.0, value / maximum)) if maximum > 0 else 0.0
         step.iterations = int(maximum)
         events.append(
-            self._event(
-                run,
-                "relay.progress",
-                node=node,
-                index=step.index,
-                total=run.total,
-                value=value,
-                max=maximum,
-                percent=run.percent(),
-                elapsed=run.elapsed(now),
-                **self._eta(run, now),
+            Progress(
+                run.prompt_id,
+                node,
+                step.index,
+                run.total,
+                value,
+                maximum,
+                run.percent(),
+                run.elapsed(now),
+                self._eta(run, now),
             )
         )
         return events
@@ -451,7 +555,7 @@ class Translator:
         node = str(node)
         output = data.get("output")
         run.outputs[node] = output
-        return [self._event(run, "relay.output", node=node, output=output, files=self._files(output))]
+        return [Output(run.prompt_id, node, output, self._files(output))]
 
     def _failed(self, run: _Run, data: Mapping[str, Any], now: float) -> list[Event]:
         node = data.get("node_id")
@@ -495,19 +599,20 @@ class Translator:
         run.ended_at = now
         if self.running == run.prompt_id:
             self.running = None
-        fields: dict[str, Any] = {
-            "status": status,
-            "elapsed": run.elapsed(now),
-            "total": run.total,
-            "completed": run.completed,
-            "percent": 100.0 if status == "success" else run.percent(),
-            "outputs": run.outputs,
-            "recovered": recovered,
-        }
-        if error is not None:
-            fields["error"] = error
+        percent = 100.0 if status == "success" else run.percent()
+        done = Done(
+            run.prompt_id,
+            status,
+            run.elapsed(now),
+            run.total,
+            run.completed,
+            percent,
+            run.outputs,
+            recovered,
+            error,
+        )
         self._retire(run)
-        return [self._event(run, "relay.done", **fields)]
+        return [done]
 
     def _retire(self, run: _Run) -> None:
         self._runs.pop(run.prompt_id, None)
@@ -521,41 +626,39 @@ class Translator:
         """Prompts accepted by ComfyUI that have not ended (what a reconnect must reconcile)."""
         return [pid for pid, run in self._runs.items() if run.phase in ("queued", "running")]
 
-    def recover(self, prompt_id: str, history: Mapping[str, Any], now: float) -> list[Event]:
+    def recover(self, prompt_id: str, history: Mapping[str, Any], now: float) -> Translation:
         """Close a prompt from its /history entry: it finished while we were not listening."""
         run = self._runs.get(prompt_id)
         if run is None or run.phase not in ("queued", "running"):
-            return []
+            return Translation()
         events: list[Event] = []
         outputs = history.get("outputs")
         if isinstance(outputs, dict):
             for node, output in outputs.items():
                 if node not in run.outputs:
                     run.outputs[node] = output
-                    events.append(
-                        self._event(run, "relay.output", node=node, output=output, files=self._files(output))
-                    )
+                    events.append(Output(run.prompt_id, node, output, self._files(output)))
         status, error = history_outcome(history)
         failed_node = error.get("node") if error is not None else None
         self._settle(run, "done" if status == "success" else status, failed_node)
-        return events + self._done(run, status, now, error=error, recovered=True)
+        return self._out(events + self._done(run, status, now, error=error, recovered=True))
 
-    def lost(self, prompt_id: str, reason: str, now: float) -> list[Event]:
+    def lost(self, prompt_id: str, reason: str, now: float) -> Translation:
         """ComfyUI no longer knows the prompt (it restarted): say so, never leave it open."""
         run = self._runs.get(prompt_id)
         if run is None or run.phase not in ("queued", "running"):
-            return []
+            return Translation()
         error = {"node": None, "class_type": None, "exception_type": "PromptLost", "message": reason}
-        return self._done(run, "error", now, error=error, recovered=True)
+        return self._out(self._done(run, "error", now, error=error, recovered=True))
 
-    def cancelled(self, prompt_id: str, now: float) -> list[Event]:
+    def cancelled(self, prompt_id: str, now: float) -> Translation:
         """The prompt was removed from ComfyUI's queue before it started: it ends ``cancelled``."""
         run = self._runs.get(prompt_id)
         if run is None or run.phase != "queued":
-            return []
+            return Translation()
         error = {"node": None, "class_type": None, "exception_type": None,
                  "message": "removed from ComfyUI's queue before it ran"}  # fmt: skip
-        return self._done(run, "cancelled", now, error=error)
+        return self._out(self._done(run, "cancelled", now, error=error))
 
     def queued(self) -> list[str]:
         """Prompts accepted and waiting in ComfyUI's queue (not started)."""
@@ -573,62 +676,53 @@ class Translator:
 
     # Snapshots -------------------------------------------------------------------------
 
-    def snapshot(self, prompt_id: str, now: float) -> Event | None:
+    def snapshot(self, prompt_id: str, now: float) -> Snapshot | None:
         """The current state of a prompt, for a client that could not resume from the buffer."""
         run = self._runs.get(prompt_id) or self._finished.get(prompt_id)
         if run is None:
             return None
-        return self._event(
-            run,
-            "relay.snapshot",
-            phase=run.phase,
-            status=run.status,
-            number=run.number,
-            total=run.total,
-            completed=run.completed,
-            percent=run.percent(),
-            elapsed=run.elapsed(now),
-            current=run.current,
-            steps=[step.public() for step in run.steps.values()],
-            outputs=run.outputs,
+        return Snapshot(
+            run.prompt_id,
+            run.phase,
+            run.status,
+            run.number,
+            run.total,
+            run.completed,
+            run.percent(),
+            run.elapsed(now),
+            run.current,
+            [step.public() for step in run.steps.values()],
+            run.outputs,
         )
 
     # Helpers --------------------------------------------------------------------------
 
-    def _step_event(self, run: _Run, step: _Step, now: float) -> Event:
-        event = self._event(
-            run,
-            "relay.step",
-            node=step.spec.node,
-            class_type=step.spec.class_type,
-            name=step.spec.name,
-            index=step.index,
-            total=run.total,
-            state=step.state,
-            elapsed=run.elapsed(now),
-            percent=run.percent(),
+    def _step_event(self, run: _Run, step: _Step, now: float) -> Step:
+        return Step(
+            run.prompt_id,
+            step.spec.node,
+            step.spec.class_type,
+            step.spec.name,
+            step.index,
+            run.total,
+            step.state,
+            run.elapsed(now),
+            run.percent(),
+            step.duration if step.state in ("done", "error") else None,
+            self._eta(run, now) if step.state in ("running", "done") else None,
         )
-        if step.state in ("done", "error"):
-            event["duration"] = step.duration
-        if step.state in ("running", "done"):
-            event.update(self._eta(run, now))
-        return event
 
-    def _eta(self, run: _Run, now: float) -> dict[str, float]:
-        """``{"eta": seconds left}`` when every step still to run has a learned duration, else ``{}``."""
+    def _eta(self, run: _Run, now: float) -> float | None:
+        """Seconds left when every step still to run has a learned duration, else None."""
         if self._durations is None or run.plan.timing_key is None:
-            return {}
+            return None
         pending = [(s.spec.node, s.spec.iterations) for s in run.steps.values() if s.state == "pending"]
         current = None
         step = run.steps.get(run.current) if run.current is not None else None
         if step is not None and step.state == "running":
             ran = now - (step.started if step.started is not None else now)
             current = (step.spec.node, ran, run.fraction, step.iterations or step.spec.iterations)
-        eta = self._durations.remaining(run.plan.timing_key, pending, current)
-        return {} if eta is None else {"eta": eta}
-
-    def _event(self, run: _Run, event_type: str, **fields: Any) -> Event:
-        return {"type": event_type, "prompt_id": run.prompt_id, **fields}
+        return self._durations.remaining(run.plan.timing_key, pending, current)
 
     def _files(self, output: Any) -> list[dict[str, Any]]:
         return [{**ref, "kind": kind, "url": self._file_url(ref)} for kind, ref in file_refs(output)]

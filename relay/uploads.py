@@ -22,7 +22,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from relay.errors import BadRequest, PayloadTooLarge
-from relay.proxy import forward, upstream_safe_name, upstream_safe_subfolder
+from relay.filenames import upstream_safe_name, upstream_safe_subfolder
+from relay.proxy import forward, proxy_of
 
 __all__ = ["upload_image", "upload_mask", "upload_routes"]
 
@@ -125,7 +126,7 @@ def _feed(parser: MultipartParser, chunk: bytes) -> None:
 
 
 async def _upload(request: Request, path: str, *, mask: bool) -> Response:
-    limit = request.app.state.relay.config.max_upload_bytes
+    limit = proxy_of(request).max_upload_bytes
     form = _Form()
     parser = MultipartParser(_multipart(request, limit), form.callbacks())
     incoming = request.stream().__aiter__()

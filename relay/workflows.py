@@ -31,8 +31,8 @@ from typing import Any
 import orjson
 
 from relay.errors import BadRequest
+from relay.filenames import upstream_safe_name, upstream_safe_subfolder
 from relay.i18n import LANGUAGES
-from relay.proxy import upstream_safe_name, upstream_safe_subfolder
 
 __all__ = ["LANGUAGES", "Library", "Parameter", "Workflow", "WorkflowError", "default_folder"]
 

@@ -31,3 +31,21 @@ def test_proxy_benchmark_runs() -> None:
     assert "download /view" in result.stdout
     assert "upload /upload/image" in result.stdout
     assert result.stdout.count("ratio") == 2
+
+
+def test_eager_benchmark_runs() -> None:
+    """bench/eager.py compares relay.eager with task-based sends and prints a ratio for each."""
+    command = [
+        sys.executable,
+        str(BENCH / "eager.py"),
+        "--subscribers",
+        "10",
+        "--events",
+        "5",
+        "--repeat",
+        "1",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
+    assert "eager (relay.eager)" in result.stdout
+    assert "writer tasks" in result.stdout
+    assert result.stdout.count("ratio") >= 3

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,10 @@ import pytest
 
 from relay.emulator import EmulatorConfig, RunningEmulator, run_emulator
 from relay.eta import Durations
+from relay.events import Done
+from relay.observers import EtaKeeper
 from relay.server import run_relay
+from relay.translator import StepTiming
 from tests.conftest import relay_config
 from tests.relay_client import Tab, open_tab
 
@@ -124,3 +129,39 @@ def test_old_pipelines_are_forgotten_past_the_cap(tmp_path: Path) -> None:
     assert durations.step("graph:299", "x") is not None
     durations.save()
     assert len(orjson.loads((tmp_path / "d.json").read_bytes())["pipelines"]) == 256
+
+
+def done(prompt_id: str) -> Done:
+    return Done(prompt_id, "success", 1.0, 1, 1, 100.0, {}, recovered=False)
+
+
+async def test_eta_saves_are_batched_and_written_off_the_event_loop(tmp_path: Path) -> None:
+    """A burst of finished prompts is one write; a prompt that ends during a write is one more;
+    no write happens on the event loop's thread."""
+    durations = Durations(tmp_path / "durations.json")
+    keeper = EtaKeeper(durations)
+    writing, release = threading.Event(), threading.Event()
+    threads: list[threading.Thread] = []
+    write = durations.write
+
+    def held_write(data: dict[str, Any]) -> bool:
+        threads.append(threading.current_thread())
+        writing.set()
+        release.wait(timeout=30)
+        return write(data)
+
+    durations.write = held_write  # type: ignore[method-assign]
+    for number in range(20):
+        keeper.learned(StepTiming("wf", "sampler", 1.0 + number, None))
+        keeper.published("c", done(f"p{number}"))
+    await asyncio.to_thread(writing.wait, 30)  # the first save is under way, in a thread
+    writing.clear()
+    for number in range(20, 30):  # these end while it writes: they share one more save
+        keeper.learned(StepTiming("wf", "sampler", 1.0 + number, None))
+        keeper.published("c", done(f"p{number}"))
+    release.set()
+    await keeper.close()
+    assert keeper.saves == 2
+    assert threading.main_thread() not in threads
+    saved = orjson.loads((tmp_path / "durations.json").read_bytes())
+    assert saved["pipelines"]["wf"]["sampler"]["runs"] == 30

@@ -9,6 +9,7 @@ import orjson
 from starlette.websockets import WebSocket, WebSocketState
 
 from relay.errors import CLOSE_TOO_SLOW
+from relay.events import Done, Progress, Step
 from relay.fanout import Channel, Subscriber
 
 
@@ -39,8 +40,16 @@ def subscribe(channel: Channel, limit: int) -> tuple[Subscriber, FakeSocket]:
     return subscriber, socket
 
 
-def progress(value: int) -> dict[str, Any]:
-    return {"type": "relay.progress", "prompt_id": "p", "node": "3", "value": value, "max": 100}
+def progress(value: int, node: str = "3") -> Progress:
+    return Progress("p", node, 3, 5, value, 100, value / 5, 1.0)
+
+
+def step(node: str) -> Step:
+    return Step("p", node, "KSampler", "sample", int(node) + 1, 12, "running", 1.0, 0.0)
+
+
+def done() -> Done:
+    return Done("p", "success", 2.0, 5, 5, 100.0, {}, recovered=False)
 
 
 async def settle() -> None:
@@ -60,7 +69,7 @@ async def test_progress_coalesces_only_for_a_reader_that_is_behind() -> None:
     await settle()
     for value in range(5, 60):
         channel.publish(progress(value))
-    channel.publish({"type": "relay.done", "prompt_id": "p", "status": "success"})
+    channel.publish(done())
     socket.flowing.set()
     await settle()
     kinds = [json_type(p) for p in socket.sent]
@@ -79,10 +88,10 @@ async def test_step_events_are_never_dropped_and_a_hopeless_reader_is_closed() -
     stalled, stalled_socket = subscribe(channel, limit=8)
     healthy, healthy_socket = subscribe(channel, limit=8)
     stalled_socket.flowing.clear()
-    channel.publish({"type": "relay.step", "prompt_id": "p", "node": "0", "state": "running"})
+    channel.publish(step("0"))
     await settle()  # the stalled writer is now stuck inside send
     for node in range(1, 12):
-        channel.publish({"type": "relay.step", "prompt_id": "p", "node": str(node), "state": "running"})
+        channel.publish(step(str(node)))
         await settle()
     async with asyncio.timeout(5):
         while stalled_socket.closed_with is None:
@@ -111,11 +120,11 @@ async def test_backpressure_then_recovery_delivers_everything_in_order() -> None
     """A socket that stalls mid-send and then drains gets every frame, in order, and stays open."""
     channel = Channel("c", ring_size=100)
     subscriber, socket = subscribe(channel, limit=32)
-    channel.publish({"type": "relay.step", "prompt_id": "p", "node": "0", "state": "running"})
+    channel.publish(step("0"))
     await settle()
     socket.flowing.clear()
     for node in range(1, 10):  # the first of these stops inside the send, the rest queue
-        channel.publish({"type": "relay.step", "prompt_id": "p", "node": str(node), "state": "running"})
+        channel.publish(step(str(node)))
         await settle()
     assert len(socket.sent) == 1
     socket.flowing.set()
@@ -125,6 +134,6 @@ async def test_backpressure_then_recovery_delivers_everything_in_order() -> None
     assert [json_seq(p) for p in socket.sent] == list(range(1, 11))
     assert not subscriber.closed
     assert subscriber.task is None  # the writer ends once its queue is empty
-    channel.publish({"type": "relay.done", "prompt_id": "p", "status": "success"})
+    channel.publish(done())
     assert json_type(socket.sent[-1]) == "relay.done"  # written inline again, no task needed
     subscriber.stop()

@@ -17,10 +17,10 @@ from relay.emulator import RunningEmulator
 from relay.fanout import Subscriber
 from relay.metrics import Metrics
 from relay.server import RunningRelay, run_relay
-from relay.sessions import ClientSession
+from relay.sessions import ClientSession, live_state
 from tests.conftest import relay_config
 from tests.relay_client import open_tab
-from tests.test_fanout import FakeSocket, progress, settle
+from tests.test_fanout import FakeSocket, progress, settle, step
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -205,7 +205,7 @@ async def test_slow_socket_counters() -> None:
     comfy = ComfyClient(config)
     metrics = Metrics()
     session = ClientSession("slow", config, comfy, metrics=metrics)
-    metrics.watch(lambda: [session])
+    metrics.watch(lambda: live_state([session]))
     socket = FakeSocket()
     subscriber = Subscriber(cast(WebSocket, socket), mode="relay", limit=8)
     session.channel.add(subscriber)
@@ -213,7 +213,7 @@ async def test_slow_socket_counters() -> None:
     socket.flowing.clear()
     try:
         for number in range(40):
-            session.channel.publish({**progress(number), "node": str(number % 12)})
+            session.channel.publish(progress(number, node=str(number % 12)))
         await settle()
         live = parse(metrics.render().decode())
         assert value(live, "relay_events_coalesced_total") + value(live, "relay_events_dropped_total") > 0
@@ -221,7 +221,7 @@ async def test_slow_socket_counters() -> None:
         assert value(live, "relay_subscriber_queue_frames_max") == subscriber.queued
         # Events that must not be dropped overflow the queue: the socket is closed as too slow.
         for number in range(20):
-            session.channel.publish({"type": "relay.step", "prompt_id": "p", "node": str(number)})
+            session.channel.publish(step(str(number)))
         await settle()
         socket.flowing.set()
         async with asyncio.timeout(5):
@@ -229,7 +229,9 @@ async def test_slow_socket_counters() -> None:
                 await asyncio.sleep(0.01)
         session.channel.discard(subscriber)
         counted = (subscriber.coalesced, subscriber.dropped)
-        metrics.retire(subscriber)
+        metrics.retire(
+            coalesced=subscriber.coalesced, dropped=subscriber.dropped, overflowed=subscriber.overflowed
+        )
         after = parse(metrics.render().decode())
         assert value(after, "relay_slow_sockets_closed_total") == 1
         assert value(after, "relay_events_coalesced_total") == counted[0]

@@ -5,9 +5,19 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
+
+from relay.eta import Durations
+from relay.events import Event, fields
 from relay.plans import build_plan
-from relay.protocol import BinaryEvent
-from relay.translator import Plan, StepSpec, Translator, humanize
+from relay.protocol import (
+    BinaryEvent,
+    ImageFormat,
+    encode_preview,
+    encode_preview_with_metadata,
+    encode_text,
+)
+from relay.translator import Plan, StepSpec, StepTiming, Translation, Translator, humanize
 from tests.tracekit import TRACES, Frame, load_trace
 
 OUTPUT_CLASSES = {
@@ -18,6 +28,30 @@ OUTPUT_CLASSES = {
 
 def file_url(ref: Any) -> str:
     return f"/view?filename={ref['filename']}&type={ref['type']}"
+
+
+def plain(translation: Translation) -> list[dict[str, Any]]:
+    """The events as a client reads them (without the envelope's seq, ts and client id)."""
+    return [as_dict(event) for event in translation.events]
+
+
+def as_dict(event: Event) -> dict[str, Any]:
+    return {"type": event.type, **fields(event)}
+
+
+def wire(frame: Frame) -> str | bytes:
+    """The recorded frame as ComfyUI sent it (a binary frame's image is not recorded: a stand-in)."""
+    if frame.message is not None:
+        return orjson.dumps(frame.message).decode()
+    if frame.event == BinaryEvent.TEXT:
+        return encode_text(frame.node_id or "", frame.text or "")
+    if frame.event == BinaryEvent.PREVIEW_IMAGE_WITH_METADATA:
+        return encode_preview_with_metadata(b"\xff\xd8 image", frame.metadata or {})
+    return encode_preview(b"\xff\xd8 image", ImageFormat.JPEG)
+
+
+def feed(translator: Translator, message: dict[str, Any], now: float) -> list[dict[str, Any]]:
+    return plain(translator.frame(orjson.dumps(message).decode(), now))
 
 
 def replay(trace_name: str, ws: str = "A", client_id: str | None = None) -> list[dict[str, Any]]:
@@ -41,17 +75,9 @@ def replay(trace_name: str, ws: str = "A", client_id: str | None = None) -> list
             plan = build_plan(body["prompt"], OUTPUT_CLASSES, targets=body.get("partial_execution_targets"))
             # The recorder sent the POST at t_sent; the relay registers before forwarding.
             translator.register(prompt_id, plan, record["t_sent"])
-            events += translator.accept(prompt_id, record["body_json"]["number"], now)
+            events += plain(translator.accept(prompt_id, record["body_json"]["number"], now))
         elif record["kind"] == "ws_recv" and record["ws"] == ws:
-            frame = Frame.from_record(record)
-            if frame.message is not None:
-                events += translator.feed(frame.message, now)
-            elif frame.event == BinaryEvent.TEXT:
-                events += translator.text(frame.node_id or "", frame.text or "", now)
-            else:
-                prompt_id = (frame.metadata or {}).get("prompt_id")
-                node = (frame.metadata or {}).get("node_id")
-                events += translator.preview(prompt_id, node, "image/jpeg", "/previews/x", now)
+            events += plain(translator.frame(wire(Frame.from_record(record)), now))
     return events
 
 
@@ -180,14 +206,14 @@ def test_reconnect_replay_continues_the_running_step() -> None:
     )
     translator.register("p", plan, 0.0)
     translator.accept("p", 1, 0.0)
-    translator.feed({"type": "execution_start", "data": {"prompt_id": "p"}}, 1.0)
-    translator.feed({"type": "execution_cached", "data": {"nodes": ["1"], "prompt_id": "p"}}, 1.0)
-    first = translator.feed({"type": "executing", "data": {"node": "2", "prompt_id": "p"}}, 1.1)
+    feed(translator, {"type": "execution_start", "data": {"prompt_id": "p"}}, 1.0)
+    feed(translator, {"type": "execution_cached", "data": {"nodes": ["1"], "prompt_id": "p"}}, 1.0)
+    first = feed(translator, {"type": "executing", "data": {"node": "2", "prompt_id": "p"}}, 1.1)
     assert [e["state"] for e in first] == ["running"]
     # The socket dropped and came back: the server repeats the running node, without prompt_id.
-    assert translator.feed({"type": "executing", "data": {"node": "2"}}, 5.0) == []
-    progress = translator.feed(
-        {"type": "progress", "data": {"value": 7, "max": 15, "node": "2", "prompt_id": "p"}}, 5.1
+    assert feed(translator, {"type": "executing", "data": {"node": "2"}}, 5.0) == []
+    progress = feed(
+        translator, {"type": "progress", "data": {"value": 7, "max": 15, "node": "2", "prompt_id": "p"}}, 5.1
     )
     assert progress[0]["index"] == 2
 
@@ -196,9 +222,9 @@ def test_frames_racing_the_post_answer_wait_for_it() -> None:
     """Events that arrive before ComfyUI answered the POST come out after relay.queued, in order."""
     translator = Translator(file_url=file_url)
     translator.register("p", Plan((StepSpec("1", "SaveImage", "save"),)), 0.0)
-    assert translator.feed({"type": "execution_start", "data": {"prompt_id": "p"}}, 0.1) == []
-    assert translator.feed({"type": "execution_cached", "data": {"nodes": [], "prompt_id": "p"}}, 0.1) == []
-    events = translator.accept("p", 3, 0.2)
+    assert feed(translator, {"type": "execution_start", "data": {"prompt_id": "p"}}, 0.1) == []
+    assert feed(translator, {"type": "execution_cached", "data": {"nodes": [], "prompt_id": "p"}}, 0.1) == []
+    events = plain(translator.accept("p", 3, 0.2))
     assert [e["type"] for e in events] == ["relay.queued", "relay.started"]
 
 
@@ -212,14 +238,14 @@ def test_recovery_from_history_and_lost_prompts() -> None:
     success = {"status_str": "success", "completed": True, "messages": [["execution_success", {}]]}
     history_ok = {"outputs": {"9": saved}, "status": success}
     history_bad = next(iter(load_trace("05").http("GET")[0]["body_json"].values()))
-    recovered = translator.recover("ok", history_ok, 3.0)
+    recovered = plain(translator.recover("ok", history_ok, 3.0))
     assert [e["type"] for e in recovered] == ["relay.output", "relay.done"]
     assert recovered[-1]["recovered"] is True
     assert recovered[-1]["status"] == "success"
-    failed = translator.recover("bad", history_bad, 3.0)
+    failed = plain(translator.recover("bad", history_bad, 3.0))
     assert failed[-1]["status"] == "error"
     assert failed[-1]["error"]["exception_type"] == "RuntimeError"
-    lost = translator.lost("gone", "ComfyUI restarted", 3.0)
+    lost = plain(translator.lost("gone", "ComfyUI restarted", 3.0))
     assert lost[0]["error"]["exception_type"] == "PromptLost"
     assert translator.active() == []
 
@@ -244,8 +270,102 @@ def test_text_racing_the_post_answer_is_kept() -> None:
         {"type": "execution_cached", "data": {"nodes": [], "prompt_id": "p"}},
         {"type": "executing", "data": {"node": "2", "prompt_id": "p"}},
     ):
-        assert translator.feed(message, 0.1) == []
-    assert translator.text("2", "step 1/3", 0.2) == []
-    events = translator.accept("p", 1, 0.3)
+        assert feed(translator, message, 0.1) == []
+    assert plain(translator.frame(encode_text("2", "step 1/3"), 0.2)) == []
+    events = plain(translator.accept("p", 1, 0.3))
     assert [e["type"] for e in events] == ["relay.queued", "relay.started", "relay.step", "relay.text"]
     assert events[-1]["text"] == "step 1/3"
+
+
+def started_translator() -> Translator:
+    translator = Translator(
+        file_url=file_url,
+        preview_url=lambda prompt, node, version: f"/previews/c/{prompt}/{node}?v={version}",
+    )
+    plan = Plan((StepSpec("1", "KSampler", "sample"), StepSpec("2", "SaveImage", "save")), timing_key="wf")
+    translator.register("p", plan, 0.0)
+    translator.accept("p", 1, 0.0)
+    for message in (
+        {"type": "execution_start", "data": {"prompt_id": "p"}},
+        {"type": "execution_cached", "data": {"nodes": [], "prompt_id": "p"}},
+        {"type": "executing", "data": {"node": "1", "prompt_id": "p"}},
+    ):
+        translator.frame(orjson.dumps(message).decode(), 0.5)
+    return translator
+
+
+def text_frame(message_type: str, **data: Any) -> str:
+    return orjson.dumps({"type": message_type, "data": data}).decode()
+
+
+def test_whose_frame_is_decided_by_the_translator() -> None:
+    """Raw frames are forwarded only when they are this client's; the queue status always is."""
+    translator = started_translator()
+    status = text_frame("status", status={"exec_info": {"queue_remaining": 2}})
+    out = translator.frame(status, 1.0)
+    assert out.forward is not None
+    assert out.forward.payload == status
+    assert out.forward.key is None
+    assert out.queue_status
+    assert plain(out) == [{"type": "relay.queue", "remaining": 2}]
+
+    progress = text_frame("progress", value=1, max=4, node="1", prompt_id="p")
+    out = translator.frame(progress, 1.1)
+    assert out.forward is not None
+    assert out.forward.key == ("progress", None, None)
+    assert [e["type"] for e in plain(out)] == ["relay.progress"]
+
+    foreign = text_frame("executing", node="1", prompt_id="someone-else")
+    out = translator.frame(foreign, 1.2)
+    assert (out.forward, out.events) == (None, [])
+    assert translator.frame(text_frame("feature_flags", supports_preview_metadata=True), 1.3).forward is None
+
+    image = b"\xff\xd8 jpeg"
+    preview = encode_preview_with_metadata(
+        image, {"node_id": "1", "prompt_id": "p", "image_type": "image/jpeg"}
+    )
+    out = translator.frame(preview, 1.4)
+    assert out.preview is not None
+    assert (out.preview.prompt_id, out.preview.node, out.preview.data) == (
+        "p",
+        "1",
+        image,
+    )
+    assert out.forward is not None
+    assert out.forward.key == ("preview", "p", "1")
+    assert out.forward.legacy is not None
+    assert out.forward.legacy.endswith(image)
+    assert plain(out) == [
+        {"type": "relay.preview", "prompt_id": "p", "node": "1", "mime": "image/jpeg",
+         "url": "/previews/c/p/1?v=1", "version": 1}
+    ]  # fmt: skip
+    other = encode_preview_with_metadata(image, {"node_id": "1", "prompt_id": "someone-else"})
+    out = translator.frame(other, 1.5)
+    assert (out.forward, out.preview, out.events) == (None, None, [])
+    assert translator.frame(b"\x00\x00", 1.6).events == []  # not a frame at all: nothing, no error
+
+
+def test_progress_text_belongs_to_whoever_runs() -> None:
+    """ComfyUI sends progress text to every socket: it is ours only while our prompt runs."""
+    idle = Translator(file_url=file_url)
+    out = idle.frame(encode_text("1", "loading"), 0.0)
+    assert (out.forward, out.events) == (None, [])
+    out = started_translator().frame(encode_text("1", "loading"), 1.0)
+    assert out.forward is not None
+    assert plain(out) == [{"type": "relay.text", "prompt_id": "p", "node": "1", "text": "loading"}]
+
+
+def test_step_durations_come_out_as_data() -> None:
+    """What a finished step teaches the ETA is handed out, never written into the durations."""
+    durations = Durations()
+    translator = Translator(file_url=file_url, durations=durations)
+    plan = Plan((StepSpec("1", "KSampler", "sample"),), timing_key="wf")
+    translator.register("p", plan, 0.0)
+    translator.accept("p", 1, 0.0)
+    translator.frame(text_frame("execution_start", prompt_id="p"), 1.0)
+    translator.frame(text_frame("executing", node="1", prompt_id="p"), 1.0)
+    translator.frame(text_frame("progress", value=10, max=20, node="1", prompt_id="p"), 2.0)
+    out = translator.frame(text_frame("execution_success", prompt_id="p"), 3.0)
+    assert out.timings == [StepTiming("wf", "1", 2.0, 20)]
+    assert [e["type"] for e in plain(out)] == ["relay.step", "relay.done"]
+    assert durations.step("wf", "1") is None

@@ -1,0 +1,64 @@
+"""The relay's small read-only endpoints: liveness, readiness, metrics and live previews."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from relay import __version__
+from relay.errors import NotFound
+from relay.metrics import CONTENT_TYPE
+from relay.state import Lifespan
+
+__all__ = ["get_preview", "healthz", "metrics", "readyz"]
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+async def get_preview(request: Request[Lifespan]) -> Response:
+    params = request.path_params
+    session = request.state["relay"].sessions.find(params["client_id"])
+    preview = session.previews.get(params["prompt_id"], params["node"]) if session is not None else None
+    if preview is None:
+        raise NotFound("no such preview (it may have been replaced)")
+    return Response(preview.data, media_type=preview.mime, headers={"Cache-Control": "no-store"})
+
+
+async def healthz(request: Request[Lifespan]) -> Response:
+    """The process is alive and serving (no I/O: a liveness probe must not fail for others' sake)."""
+    return _json({"status": "ok", "version": __version__})
+
+
+async def readyz(request: Request[Lifespan]) -> Response:
+    """Whether to send this relay traffic: accepting, with room, and ComfyUI answering."""
+    state = request.state["relay"]
+
+    def unready(reason: str, message: str, **more: Any) -> Response:
+        return _json({"status": "unready", "reason": reason, "message": message, **more}, 503)
+
+    if state.closing:
+        return unready("shutting_down", "the relay is shutting down")
+    if state.connections >= state.config.max_connections:
+        return unready("at_capacity", f"{state.connections} sockets open, the limit is reached")
+    check = await state.readiness.comfyui()
+    if not check.reachable:
+        return unready(
+            "comfyui_unreachable", check.problem or "ComfyUI did not answer", comfyui=check.public()
+        )
+    return _json(
+        {
+            "status": "ready",
+            "version": __version__,
+            "comfyui": check.public(),
+            "connections": state.connections,
+        }
+    )
+
+
+async def metrics(request: Request[Lifespan]) -> Response:
+    return Response(request.state["relay"].metrics.render(), media_type=CONTENT_TYPE)

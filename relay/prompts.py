@@ -1,0 +1,170 @@
+"""``POST /prompt`` and the workflow library's routes: submitting a prompt so nothing is missed.
+
+A prompt is registered with its client's translator, under the routing id of an upstream
+socket just confirmed open, before ComfyUI sees it: no event of it can arrive unannounced.
+ComfyUI's refusal passes back unchanged and leaves no trace; its acceptance is published as
+``relay.queued`` with the steps the prompt will run.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from relay.errors import BadRequest, NotFound, PayloadTooLarge, RelayError
+from relay.i18n import Localized
+from relay.metrics import workflow_label
+from relay.plans import build_plan, failed_outputs
+from relay.routing import CLIENT_ID, routed_prompt
+from relay.state import Lifespan
+from relay.workflows import Workflow
+
+__all__ = ["get_workflow", "list_workflows", "post_prompt", "post_workflow_prompt"]
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def _workflow(request: Request[Lifespan]) -> Workflow:
+    name = request.path_params["name"]
+    workflow = request.state["relay"].workflows.get(name)
+    if workflow is None:
+        raise NotFound(f"no workflow named {name!r}")
+    return workflow
+
+
+async def _read_body(request: Request[Lifespan], limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the body is over the {limit}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _json_object(request: Request[Lifespan], limit: int) -> dict[str, Any]:
+    raw = await _read_body(request, limit)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("the body is not valid JSON", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object", "invalid_body")
+    return body
+
+
+def _client_id_of(request: Request[Lifespan], body: dict[str, Any]) -> str:
+    """The client id from the body, else X-Client-Id, else ?clientId=; a new one if none."""
+    for candidate in (
+        body.get("client_id"),
+        request.headers.get("x-client-id"),
+        request.query_params.get("clientId"),
+    ):
+        if candidate is None or candidate == "":
+            continue
+        if not isinstance(candidate, str) or not CLIENT_ID.fullmatch(candidate):
+            raise BadRequest("client_id must be 1-64 characters of A-Z, a-z, 0-9, _ and -", "bad_client_id")
+        return candidate
+    return uuid.uuid4().hex
+
+
+async def post_prompt(request: Request[Lifespan]) -> Response:
+    state = request.state["relay"]
+    body = await _json_object(request, state.config.max_prompt_bytes)
+    if "prompt" not in body:
+        raise BadRequest("no prompt: the body needs a 'prompt' object (an API-format graph)", "no_prompt")
+    graph = body["prompt"]
+    if not isinstance(graph, dict) or not all(isinstance(node, dict) for node in graph.values()):
+        raise BadRequest("'prompt' must be an object of nodes (an API-format graph)", "invalid_prompt")
+    workflow = state.workflows.recognise(graph, body.get("extra_data"))
+    return await _submit(request, body, graph, workflow)
+
+
+async def post_workflow_prompt(request: Request[Lifespan]) -> Response:
+    """Fill a workflow's template with ``params`` and submit it as POST /prompt does."""
+    state = request.state["relay"]
+    workflow = _workflow(request)
+    body = await _json_object(request, state.config.max_prompt_bytes)
+    params = body.pop("params", {})
+    if not isinstance(params, dict):
+        raise BadRequest("'params' must be an object of parameter values", "bad_parameter")
+    if "prompt" in body:
+        raise BadRequest("the workflow is the graph: send 'params', not 'prompt'", "invalid_body")
+    graph = workflow.fill(params)
+    extra = body.get("extra_data")
+    body["extra_data"] = {**(extra if isinstance(extra, dict) else {}), "workflow": workflow.name}
+    body["prompt"] = graph
+    return await _submit(request, body, graph, workflow)
+
+
+def _step_names(workflow: Workflow | None, language: str) -> dict[str, Localized] | None:
+    if workflow is None:
+        return None
+    return {node: Localized(texts, language) for node, texts in workflow.steps.items()}
+
+
+async def _submit(
+    request: Request[Lifespan], body: dict[str, Any], graph: dict[str, Any], workflow: Workflow | None
+) -> Response:
+    state = request.state["relay"]
+    client_id = _client_id_of(request, body)
+    prompt_id = str(body.get("prompt_id") or uuid.uuid4())
+    names = _step_names(workflow, state.config.language)
+    workflow_name = workflow.name if workflow is not None else None
+    session = state.sessions.get(client_id)
+    session.registering += 1
+    try:
+        await session.ensure_upstream()
+        classes = {str(node.get("class_type")) for node in graph.values()}
+        output_classes = await state.comfy.output_classes(classes)
+        targets = body.get("partial_execution_targets")
+        plan = build_plan(graph, output_classes, targets=targets, names=names, workflow=workflow_name)
+        session.translator.register(prompt_id, plan, time.monotonic())
+        forward = routed_prompt({**body, "prompt_id": prompt_id}, client_id, session.route(prompt_id))
+        try:
+            answer = await state.comfy.post_prompt(forward)
+        except RelayError:
+            session.translator.reject(prompt_id)
+            session.unroute(prompt_id)
+            raise
+        if answer.status != 200:
+            session.translator.reject(prompt_id)
+            session.unroute(prompt_id)
+            state.metrics.prompts.labels("rejected", workflow_label(workflow_name)).inc()
+            return Response(answer.content, status_code=answer.status, media_type=answer.content_type)
+        accepted = answer.json()
+        skip = failed_outputs(accepted.get("node_errors"))
+        if skip:
+            plan = build_plan(
+                graph, output_classes, targets=targets, skip_outputs=skip, names=names, workflow=workflow_name
+            )
+        session.apply(session.translator.accept(prompt_id, accepted.get("number"), time.monotonic(), plan))
+        answer_body = {**accepted, "client_id": client_id}
+        if workflow_name is not None:
+            answer_body["workflow"] = workflow_name
+        return _json(answer_body)
+    finally:
+        session.registering -= 1
+
+
+async def list_workflows(request: Request[Lifespan]) -> Response:
+    state = request.state["relay"]
+    return _json(
+        {"language": state.config.language, "workflows": [workflow.public() for workflow in state.workflows]}
+    )
+
+
+async def get_workflow(request: Request[Lifespan]) -> Response:
+    workflow = _workflow(request)
+    return _json({**workflow.public(), "graph": workflow.graph})

@@ -1,0 +1,111 @@
+"""What the relay's lifespan opens and closes, typed, as its endpoints read it.
+
+:func:`open_relay` creates every long-lived resource (the HTTP clients to ComfyUI, the client
+sessions with their reaper, the ETA keeper) and closes them in order when the app stops. The
+lifespan yields them as :class:`Lifespan`; Starlette hands each request and socket a copy,
+read as ``request.state["relay"]`` by the endpoints (typed: they take ``Request[Lifespan]``)
+and as ``request.state["proxy"]`` by the proxy, which sees only what it needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TypedDict
+
+from relay.comfy import ComfyClient
+from relay.config import RelayConfig
+from relay.errors import ShuttingDown
+from relay.eta import Durations, durations_file
+from relay.health import Readiness
+from relay.metrics import Metrics
+from relay.observers import EtaKeeper, MetricsObserver, StepLog
+from relay.proxy import ProxyContext
+from relay.sessions import Sessions
+from relay.streaming import StreamingClient
+from relay.workflows import Library
+
+__all__ = ["Lifespan", "RelayState", "open_relay"]
+
+
+class RelayState:
+    """The running relay's resources, and the count of browser sockets it holds."""
+
+    def __init__(
+        self,
+        *,
+        config: RelayConfig,
+        metrics: Metrics,
+        workflows: Library,
+        comfy: ComfyClient,
+        streams: StreamingClient,
+        durations: Durations,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.workflows = workflows
+        self.comfy = comfy
+        self.streams = streams
+        self.durations = durations
+        self.eta = EtaKeeper(durations)
+        self.sessions = Sessions(
+            config,
+            comfy,
+            durations,
+            metrics,
+            observers=(MetricsObserver(metrics), StepLog(), self.eta),
+            learn=self.eta.learned,
+        )
+        self.readiness = Readiness(comfy, metrics, timeout=config.ready_timeout)
+        # Browser sockets open now (RELAY_MAX_CONNECTIONS).
+        self.connections = 0
+        self.closing = False
+
+    async def close_clients(self) -> None:
+        """Close every browser socket (shutdown); called before the server drops connections."""
+        self.closing = True
+        going = ShuttingDown("relay shutting down")
+        for session in self.sessions:
+            for subscriber in list(session.channel.subscribers):
+                await subscriber.close(going.close_code, going.message)
+
+
+class Lifespan(TypedDict):
+    relay: RelayState
+    proxy: ProxyContext
+
+
+@contextlib.asynccontextmanager
+async def open_relay(config: RelayConfig, metrics: Metrics, workflows: Library) -> AsyncIterator[Lifespan]:
+    """Open the relay's resources for the duration of the block; close them in order after it."""
+    comfy = ComfyClient(config)
+    streams = StreamingClient(
+        config.comfyui_url,
+        connect_timeout=config.http_connect_timeout,
+        read_timeout=config.http_read_timeout,
+        max_connections=config.http_max_connections,
+    )
+    state = RelayState(
+        config=config,
+        metrics=metrics,
+        workflows=workflows,
+        comfy=comfy,
+        streams=streams,
+        durations=Durations(durations_file(config.eta_file)),
+    )
+    metrics.watch(state.sessions.live_state)
+    proxy = ProxyContext(
+        comfy=comfy,
+        streams=streams,
+        max_upload_bytes=config.max_upload_bytes,
+        queue_changed=state.sessions.settle_removed,
+    )
+    state.sessions.start()
+    try:
+        yield {"relay": state, "proxy": proxy}
+    finally:
+        await state.close_clients()
+        await state.sessions.close()
+        await comfy.aclose()
+        await state.eta.close()
+        await streams.aclose()
