@@ -30,7 +30,7 @@ from relay.endpoints import get_preview, healthz, metrics, readyz
 from relay.errors import exception_handlers
 from relay.metrics import Metrics
 from relay.page import page_routes
-from relay.prompts import get_workflow, list_workflows, post_prompt, post_workflow_prompt
+from relay.prompts import cancel_prompt, get_workflow, list_workflows, post_prompt, post_workflow_prompt
 from relay.proxy import proxy_routes
 from relay.sockets import relay_socket
 from relay.state import Lifespan, open_relay
@@ -49,6 +49,7 @@ def routes() -> list[BaseRoute]:
         WebSocketRoute("/api/ws", relay_socket),
         Route("/prompt", post_prompt, methods=["POST"]),
         Route("/api/prompt", post_prompt, methods=["POST"]),
+        Route("/prompt/{prompt_id}/cancel", cancel_prompt, methods=["POST"]),
         Route("/workflows", list_workflows, methods=["GET"]),
         Route("/workflows/{name}", get_workflow, methods=["GET"]),
         Route("/workflows/{name}/prompt", post_workflow_prompt, methods=["POST"]),

@@ -24,7 +24,7 @@ from relay.i18n import LANGUAGES
 from relay.logs import configure_logging
 from relay.server import RelayServer, run_relay, tune_gc
 from relay.server import uvicorn_config as relay_uvicorn_config
-from relay.submit import EXIT_STOPPED, SubmitOptions, list_workflows, run_submit
+from relay.submit import EXIT_STOPPED, SubmitOptions, cancel_prompt, list_workflows, run_submit
 from relay.workflows import WorkflowError
 
 __all__ = ["main"]
@@ -36,7 +36,13 @@ def _emulator_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     parser = sub.add_parser(
         "emulator",
         help="run the built-in ComfyUI emulator",
-        description="Serve an emulated ComfyUI 0.3.64 (HTTP API and WebSocket) with simulated nodes.",
+        description="Serve an emulated ComfyUI (HTTP API and WebSocket) with simulated nodes.",
+    )
+    parser.add_argument(
+        "--comfyui-version",
+        choices=("current", "0.3.64"),
+        default="current",
+        help="which ComfyUI to behave as: the current release or the recorded 0.3.64 (default: %(default)s)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8188, help="port to listen on (default: %(default)s)")
@@ -98,6 +104,7 @@ def _run_emulator(args: argparse.Namespace) -> int:
         compress_responses=args.enable_compress_response_body,
         duplicate_client_quirk=not args.no_duplicate_client_quirk,
         output_order=args.output_order,
+        comfyui_version=args.comfyui_version,
         **({"max_upload_size_mb": args.max_upload_size} if args.max_upload_size is not None else {}),
     )
     if config.speed <= 0:
@@ -112,6 +119,7 @@ def _run_emulator(args: argparse.Namespace) -> int:
         f"ComfyUI emulator on http://{config.host}:{config.port} (WebSocket ws://{config.host}:{config.port}/ws)"
     )
     print(f"  output: {state.folders.output}\n  input:  {state.folders.input}\n  speed:  x{config.speed:g}")
+    print(f"  version: ComfyUI {config.version} ({config.comfyui_version} profile)")
     # uvicorn re-raises Ctrl-C after its graceful shutdown; it is the normal way to stop.
     with contextlib.suppress(KeyboardInterrupt):
         uvicorn.Server(uvicorn_config(app, config, log_level=args.log_level)).run()
@@ -168,17 +176,26 @@ def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--comfyui-port", type=int, default=8188, help="the emulator's port (default: %(default)s)"
     )
     parser.add_argument("--speed", type=float, default=1.0, metavar="FACTOR", help="emulator speed factor")
+    parser.add_argument(
+        "--comfyui-version",
+        choices=("current", "0.3.64"),
+        default="current",
+        help="which ComfyUI the emulator behaves as (default: %(default)s)",
+    )
     parser.add_argument("--log-format", choices=("console", "json"), default="console")
 
 
 async def _demo(args: argparse.Namespace) -> None:
     from relay.emulator import EmulatorConfig, run_emulator  # noqa: PLC0415 - see _run_emulator
 
-    emulator_config = EmulatorConfig(host=args.host, port=args.comfyui_port, speed=args.speed)
+    emulator_config = EmulatorConfig(
+        host=args.host, port=args.comfyui_port, speed=args.speed, comfyui_version=args.comfyui_version
+    )
     async with run_emulator(emulator_config) as emulator:
         config = RelayConfig.from_env(comfyui_url=emulator.url, host=args.host, port=args.port)
         async with run_relay(config) as relay:
             example = '{\\"client_id\\": \\"demo\\", \\"prompt\\": '
+            version = emulator_config.version
             workflows = "\n".join(
                 f"  {w.name:<14} {len(w.steps):>2} steps  {w.title['en']}" for w in relay.state.workflows
             )
@@ -186,7 +203,7 @@ async def _demo(args: argparse.Namespace) -> None:
                 f"\ncomfy-relay demo\n"
                 f"  page:      {relay.url}/  (open it in a browser)\n"
                 f"  relay:     {relay.url}  (WebSocket {relay.ws_url})\n"
-                f"  ComfyUI:   {emulator.url}  (emulated, speed x{args.speed:g})\n\n"
+                f"  ComfyUI:   {emulator.url}  (emulated {version}, speed x{args.speed:g})\n\n"
                 f"Workflows:\n{workflows}\n\n"
                 f"Run one and watch its steps (in another terminal):\n"
                 f"  {_command_path()} submit portrait_mode --watch --relay {relay.url}\n"
@@ -314,6 +331,19 @@ def _run_workflows(args: argparse.Namespace) -> int:
     return asyncio.run(list_workflows(args.relay, args.lang, token=args.token))
 
 
+def _cancel_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "cancel",
+        help="cancel a prompt: out of the queue if it waits, interrupted if it runs",
+        description=(
+            "Cancel a prompt through a relay. Exit status: 0 cancelled, 1 it had already ended, "
+            "2 the id was refused, 3 the relay could not be reached."
+        ),
+    )
+    parser.add_argument("prompt_id", metavar="PROMPT_ID", help="the prompt id submit printed")
+    _relay_argument(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="comfy-relay", description="A WebSocket event relay in front of ComfyUI."
@@ -324,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     _demo_parser(sub)
     _submit_parser(sub)
     _workflows_parser(sub)
+    _cancel_parser(sub)
     _emulator_parser(sub)
     return parser
 
@@ -350,5 +381,7 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return _run_submit(args)
     if args.command == "workflows":
         return _run_workflows(args)
+    if args.command == "cancel":
+        return asyncio.run(cancel_prompt(args.relay, args.prompt_id, token=args.token))
     parser.print_help()
     return 2

@@ -2,14 +2,21 @@
 
 httpx's exceptions never leave this module: connection failures become
 :class:`UpstreamUnavailable` (502) and timeouts :class:`UpstreamTimeout` (504).
+
+It also knows which ComfyUI it talks to (:meth:`ComfyClient.capabilities`): the version from
+``/system_stats``, the feature flags, and whether the jobs API of current releases answers.
+With it, a prompt's fate and its cancel are read and done one way or the other: from
+``/api/jobs`` where present (one request per prompt, an atomic cancel), from ``/queue`` and
+``/history`` (and ``/interrupt``) on 0.3.x servers.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
-from typing import Any
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
 from urllib.parse import quote
 
 import httpx
@@ -19,7 +26,7 @@ import structlog
 from relay.config import RelayConfig
 from relay.errors import UpstreamTimeout, UpstreamUnavailable
 
-__all__ = ["ComfyClient", "UpstreamAnswer"]
+__all__ = ["Capabilities", "ComfyClient", "Fate", "UpstreamAnswer"]
 
 log = structlog.get_logger("relay.comfy")
 
@@ -40,6 +47,32 @@ class UpstreamAnswer:
         return orjson.loads(self.content)
 
 
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What the ComfyUI behind the relay offers."""
+
+    version: str | None = None  # system.comfyui_version
+    jobs: bool = False  # GET /api/jobs answers: job status and atomic cancel
+    features: Mapping[str, Any] = field(default_factory=dict)
+
+    def public(self) -> dict[str, Any]:
+        return {"version": self.version, "jobs_api": self.jobs, "assets": bool(self.features.get("assets"))}
+
+
+@dataclass(frozen=True, slots=True)
+class Fate:
+    """Where a prompt is: still ``alive`` (queued or running), ``ended`` (with its history
+    entry: ``outputs`` and ``status``), or ``gone`` (ComfyUI does not know it)."""
+
+    state: Literal["alive", "ended", "gone"]
+    entry: dict[str, Any] | None = None
+
+
+_ENDED_JOB = frozenset({"completed", "failed", "cancelled"})
+# An answer that is not the JSON expected counts as no answer (the caller's default stands).
+_NOT_JSON = (orjson.JSONDecodeError, AttributeError, TypeError)
+
+
 class ComfyClient:
     def __init__(self, config: RelayConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
         timeout = httpx.Timeout(
@@ -52,6 +85,7 @@ class ComfyClient:
         self.http = httpx.AsyncClient(
             base_url=config.comfyui_url.rstrip("/"), timeout=timeout, limits=limits, transport=transport
         )
+        self._capabilities: Capabilities | None = None
         self._output_classes: frozenset[str] | None = None
         self._all_classes: frozenset[str] = frozenset()
         self._object_info_lock = asyncio.Lock()
@@ -98,9 +132,7 @@ class ComfyClient:
             await response.aclose()
 
     async def post_prompt(self, body: dict[str, Any]) -> UpstreamAnswer:
-        return await self.request(
-            "POST", "/prompt", content=orjson.dumps(body), headers={"Content-Type": "application/json"}
-        )
+        return await self.post_json("/prompt", body)
 
     async def history(self, prompt_id: str) -> dict[str, Any]:
         # Prompt ids may be chosen by clients: never let one change the path.
@@ -113,11 +145,111 @@ class ComfyClient:
             ) from None
         return body if isinstance(body, dict) else {}
 
-    async def queue_ids(self) -> set[str]:
-        """Ids of the prompts ComfyUI is running or holding."""
+    async def capabilities(self, *, fresh: bool = False) -> Capabilities:
+        """The server's version, flags and jobs API, asked once (again with ``fresh``).
+
+        Raises:
+            UpstreamUnavailable, UpstreamTimeout: ComfyUI could not be asked.
+        """
+        if self._capabilities is not None and not fresh:
+            return self._capabilities
+        version = None
+        stats = await self.request("GET", "/system_stats")
+        with contextlib.suppress(*_NOT_JSON):
+            system = stats.json().get("system") if stats.status == 200 else None
+            value = system.get("comfyui_version") if isinstance(system, dict) else None
+            version = value if isinstance(value, str) else None
+        features: dict[str, Any] = {}
+        answer = await self.request("GET", "/features")
+        with contextlib.suppress(*_NOT_JSON):
+            body = answer.json() if answer.status == 200 else None
+            features = body if isinstance(body, dict) else {}
+        jobs = False
+        answer = await self.request("GET", "/api/jobs", params={"limit": "1"})
+        with contextlib.suppress(*_NOT_JSON):
+            body = answer.json() if answer.status == 200 else None
+            jobs = isinstance(body, dict) and isinstance(body.get("jobs"), list)
+        self._capabilities = Capabilities(version, jobs, features)
+        log.info("ComfyUI found", version=version, jobs_api=jobs)
+        return self._capabilities
+
+    async def fates(self, prompt_ids: Iterable[str]) -> dict[str, Fate]:
+        """Where each prompt is now, from the jobs API when ComfyUI has it, else queue and history.
+
+        Raises:
+            UpstreamUnavailable, UpstreamTimeout: ComfyUI could not tell (nothing is concluded).
+        """
+        prompt_ids = list(prompt_ids)
+        if (await self.capabilities()).jobs:
+            fates = await self._job_fates(prompt_ids)
+            if fates is not None:
+                return fates
+            await self.capabilities(fresh=True)  # the jobs API went away: a different server now
+        alive = await self.queue_ids()
+        fates = {}
+        for prompt_id in prompt_ids:
+            if prompt_id in alive:
+                fates[prompt_id] = Fate("alive")
+                continue
+            entry = (await self.history(prompt_id)).get(prompt_id)
+            fates[prompt_id] = Fate("ended", entry) if isinstance(entry, dict) else Fate("gone")
+        return fates
+
+    async def _job_fates(self, prompt_ids: list[str]) -> dict[str, Fate] | None:
+        fates: dict[str, Fate] = {}
+        for prompt_id in prompt_ids:
+            answer = await self.request("GET", f"/api/jobs/{quote(prompt_id, safe='')}")
+            try:
+                job = answer.json()
+            except orjson.JSONDecodeError:
+                job = None
+            if answer.status == 404 and isinstance(job, dict) and "error" in job:
+                fates[prompt_id] = Fate("gone")
+            elif answer.status == 404:
+                return None  # no such route: not the server the capabilities were read from
+            elif answer.status != 200 or not isinstance(job, dict):
+                raise UpstreamUnavailable(f"ComfyUI answered GET /api/jobs/{{id}} with HTTP {answer.status}")
+            elif job.get("status") in _ENDED_JOB:
+                entry = {"outputs": job.get("outputs") or {}, "status": job.get("execution_status") or {}}
+                fates[prompt_id] = Fate("ended", entry)
+            else:
+                fates[prompt_id] = Fate("alive")
+        return fates
+
+    async def cancel(self, prompt_id: str) -> bool:
+        """Cancel a prompt whatever its state: dequeue it if it waits, interrupt it if it runs.
+        Whether anything was cancelled (False: it had ended, or ComfyUI does not know it).
+
+        Raises:
+            UpstreamUnavailable, UpstreamTimeout: ComfyUI could not be asked.
+        """
+        if (await self.capabilities()).jobs:
+            answer = await self.request("POST", f"/api/jobs/{quote(prompt_id, safe='')}/cancel")
+            with contextlib.suppress(*_NOT_JSON):
+                body = answer.json() if answer.status == 200 else None
+                if isinstance(body, dict):
+                    return bool(body.get("cancelled"))
+        # 0.3.x: the same two moves, in the order that leaves no gap between them.
+        running, pending = await self._queue_lists()
+        cancelled = False
+        if prompt_id in pending:
+            await self.post_json("/queue", {"delete": [prompt_id]})
+            running, pending = await self._queue_lists()
+            cancelled = prompt_id not in pending and prompt_id not in running
+        if prompt_id in running:
+            await self.post_json("/interrupt", {"prompt_id": prompt_id})
+            cancelled = True
+        return cancelled
+
+    async def post_json(self, path: str, body: Any) -> UpstreamAnswer:
+        return await self.request(
+            "POST", path, content=orjson.dumps(body), headers={"Content-Type": "application/json"}
+        )
+
+    async def _queue_lists(self) -> tuple[set[str], set[str]]:
+        """Ids running and ids waiting."""
         answer = await self.request("GET", "/queue")
         if answer.status != 200:
-            # Without the queue nothing can be called finished or lost.
             raise UpstreamUnavailable(f"ComfyUI answered GET /queue with HTTP {answer.status}")
         try:
             body = answer.json()
@@ -125,12 +257,16 @@ class ComfyClient:
             raise UpstreamUnavailable(
                 f"ComfyUI's /queue answer is not JSON: {answer.content[:80]!r}"
             ) from None
-        ids: set[str] = set()
+        lists: list[set[str]] = []
         for key in ("queue_running", "queue_pending"):
-            for item in body.get(key, []) if isinstance(body, dict) else []:
-                if isinstance(item, list) and len(item) > 1:
-                    ids.add(str(item[1]))
-        return ids
+            items = body.get(key, []) if isinstance(body, dict) else []
+            lists.append({str(i[1]) for i in items if isinstance(i, list) and len(i) > 1})
+        return lists[0], lists[1]
+
+    async def queue_ids(self) -> set[str]:
+        """Ids of the prompts ComfyUI is running or holding."""
+        running, pending = await self._queue_lists()
+        return running | pending
 
     async def output_classes(self, needed: Iterable[str] = ()) -> frozenset[str]:
         """Class types that are output nodes, from /object_info (read once, again on a new class)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import orjson
@@ -9,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from relay import __version__
-from relay.errors import NotFound
+from relay.errors import NotFound, RelayError
 from relay.metrics import CONTENT_TYPE
 from relay.state import Lifespan
 
@@ -50,11 +51,14 @@ async def readyz(request: Request[Lifespan]) -> Response:
         return unready(
             "comfyui_unreachable", check.problem or "ComfyUI did not answer", comfyui=check.public()
         )
+    comfyui = check.public()
+    with contextlib.suppress(RelayError):  # which ComfyUI: asked once, then remembered
+        comfyui.update((await state.comfy.capabilities()).public())
     return _json(
         {
             "status": "ready",
             "version": __version__,
-            "comfyui": check.public(),
+            "comfyui": comfyui,
             "connections": state.connections,
         }
     )

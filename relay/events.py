@@ -116,7 +116,7 @@ class Started(Event):
 @dataclass(frozen=True, slots=True)
 class Step(Event):
     type = "relay.step"
-    optional = frozenset({"duration", "eta"})
+    optional = frozenset({"duration", "eta", "activity"})
     prompt_id: str
     node: str
     class_type: str
@@ -128,6 +128,9 @@ class Step(Event):
     percent: float
     duration: float | None = None
     eta: float | None = None
+    # What a running step spends its time on, when ComfyUI says ("loading"). A running step
+    # is announced again whenever it changes; without the field it is doing nothing special.
+    activity: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,6 +70,11 @@ class Metrics:
         )
         self.comfy_text = self.comfy_frames.labels("text")
         self.comfy_binary = self.comfy_frames.labels("binary")
+        self.comfy_unknown = Counter(
+            "relay_comfyui_unknown_messages_total",
+            "JSON messages from ComfyUI of a type the relay does not know (passed to raw subscribers)",
+            registry=registry,
+        )
         self.resumes = Counter(
             "relay_resumes_total",
             "Sockets that asked to resume with since=: replayed, or a gap (answered with snapshots)",

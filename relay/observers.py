@@ -60,11 +60,21 @@ class MetricsObserver:
 
 class StepLog:
     """One log line per step started (``[3/16] face detection (elapsed 2.8 s)``) and per prompt
-    queued, started and ended."""
+    queued, started and ended; a running step announced again for its activity ("loading")
+    is logged at debug level."""
+
+    def __init__(self) -> None:
+        # Steps already logged as started, by (client id, prompt id); forgotten at relay.done.
+        self._started: dict[tuple[str, str], set[str]] = {}
 
     def published(self, client_id: str, event: Event) -> None:
         if isinstance(event, Step):
-            if event.state == "running":
+            started = self._started.setdefault((client_id, event.prompt_id), set())
+            if event.state == "running" and event.node in started:
+                log.debug("step activity", client_id=client_id, prompt_id=event.prompt_id,
+                          node=event.node, activity=event.activity)  # fmt: skip
+            elif event.state == "running":
+                started.add(event.node)
                 width = len(str(event.total))
                 position = f"[{event.index:>{width}}/{event.total}]"
                 log.info(
@@ -83,6 +93,7 @@ class StepLog:
             log.info("prompt started", client_id=client_id, prompt_id=event.prompt_id, total=event.total,
                      cached=len(event.cached), queued_for=event.queued_for)  # fmt: skip
         elif isinstance(event, Done):
+            self._started.pop((client_id, event.prompt_id), None)
             log.info("prompt ended", client_id=client_id, prompt_id=event.prompt_id, status=event.status,
                      elapsed=event.elapsed, recovered=event.recovered)  # fmt: skip
 

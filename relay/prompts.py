@@ -20,11 +20,17 @@ from relay.errors import BadRequest, NotFound, PayloadTooLarge, RelayError
 from relay.i18n import Localized
 from relay.metrics import workflow_label
 from relay.plans import build_plan, failed_outputs
-from relay.routing import CLIENT_ID, routed_prompt
+from relay.routing import CLIENT_ID, canonical_uuid, routed_prompt
 from relay.state import Lifespan
 from relay.workflows import Workflow
 
-__all__ = ["get_workflow", "list_workflows", "post_prompt", "post_workflow_prompt"]
+__all__ = [
+    "cancel_prompt",
+    "get_workflow",
+    "list_workflows",
+    "post_prompt",
+    "post_workflow_prompt",
+]
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -79,6 +85,35 @@ def _client_id_of(request: Request[Lifespan], body: dict[str, Any]) -> str:
     return uuid.uuid4().hex
 
 
+def _prompt_id_of(body: dict[str, Any]) -> str:
+    """The caller's prompt id, which must be a canonical UUID (ComfyUI 0.38 refuses others, and
+    the relay matches ids exactly); a new one when none is given."""
+    given = body.get("prompt_id")
+    if given is None or given == "":
+        return str(uuid.uuid4())
+    if not canonical_uuid(given):
+        raise BadRequest(
+            "prompt_id must be a UUID in canonical lowercase hyphenated form; leave it out for one",
+            "invalid_prompt_id",
+        )
+    return str(given)
+
+
+async def cancel_prompt(request: Request[Lifespan]) -> Response:
+    """POST /prompt/{prompt_id}/cancel: dequeue it if it waits, interrupt it if it runs.
+
+    ``{"prompt_id", "cancelled"}``; ``cancelled`` is false when it had already ended or ComfyUI
+    does not know it. A prompt taken out of the queue ends with ``relay.done`` ``cancelled``.
+    """
+    prompt_id = request.path_params["prompt_id"]
+    if not canonical_uuid(prompt_id):
+        raise BadRequest("the prompt id must be a canonical lowercase UUID", "invalid_prompt_id")
+    state = request.state["relay"]
+    cancelled = await state.comfy.cancel(prompt_id)
+    await state.sessions.settle_removed()
+    return _json({"prompt_id": prompt_id, "cancelled": cancelled})
+
+
 async def post_prompt(request: Request[Lifespan]) -> Response:
     state = request.state["relay"]
     body = await _json_object(request, state.config.max_prompt_bytes)
@@ -119,7 +154,7 @@ async def _submit(
 ) -> Response:
     state = request.state["relay"]
     client_id = _client_id_of(request, body)
-    prompt_id = str(body.get("prompt_id") or uuid.uuid4())
+    prompt_id = _prompt_id_of(body)
     names = _step_names(workflow, state.config.language)
     workflow_name = workflow.name if workflow is not None else None
     session = state.sessions.get(client_id)

@@ -5,12 +5,15 @@ shared HTTP client. Hop-by-hop headers are dropped, and so are the browser's ``O
 ``Referer`` and cookies: ComfyUI answers 403 when ``Origin`` does not match a loopback
 ``Host``, and it has no business with the browser's cookies. Requests that ComfyUI would answer
 with a 500 are refused here with a 400; requests that try to leave ComfyUI's folders never
-reach it. Every route is served at its own path and under ``/api``, as ComfyUI does.
+reach it. Every route is served at its own path and under ``/api``, as ComfyUI does; the jobs and
+assets APIs of current ComfyUI releases (``/api/jobs``, ``/api/assets``, ``/api/tags``) only
+under ``/api``, as there. Against a server without them they answer ComfyUI's own 404.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypedDict
@@ -27,7 +30,7 @@ from relay.asgi import RAW_SEND
 from relay.comfy import ComfyClient
 from relay.errors import BadRequest
 from relay.filenames import upstream_safe_name, upstream_safe_subfolder
-from relay.routing import restore_client_ids
+from relay.routing import canonical_uuid, restore_client_ids
 from relay.streaming import BodyCutShort, StreamedAnswer, StreamingClient
 
 __all__ = ["ProxyContext", "forward", "proxy_of", "proxy_routes", "validate_view_query"]
@@ -265,6 +268,88 @@ def _history(path_of: Callable[[Request], str]) -> Handler:
     return handler
 
 
+# Jobs and assets (current ComfyUI) ---------------------------------------------------------
+
+_BLAKE3 = re.compile(r"blake3:[0-9a-f]{64}")
+
+
+def _job_id(request: Request) -> str:
+    """The job id of the path, checked before ComfyUI hears of it."""
+    job_id = str(request.path_params["job_id"])
+    if not canonical_uuid(job_id):
+        raise BadRequest("a job id is a UUID in canonical lowercase hyphenated form", "invalid_job_id")
+    return job_id
+
+
+async def get_job(request: Request) -> Response:
+    """GET /api/jobs/{id}: one job, with its client's own id in its extra_data."""
+    body = await _answer_with_client_ids(request, f"/api/jobs/{_job_id(request)}", "job")
+    return body if isinstance(body, Response) else Response(orjson.dumps(body), media_type="application/json")
+
+
+async def cancel_job(request: Request) -> Response:
+    """POST /api/jobs/{id}/cancel; a prompt taken out of the queue then ends as cancelled."""
+    response = await forward(request, f"/api/jobs/{_job_id(request)}/cancel", content=b"")
+    if response.status_code == 200:
+        await proxy_of(request).queue_changed()
+    return response
+
+
+async def cancel_jobs(request: Request) -> Response:
+    """POST /api/jobs/cancel ``{"job_ids": [...]}``, every id checked first."""
+    body = await _json_body(request)
+    job_ids = orjson.loads(body).get("job_ids")
+    if not isinstance(job_ids, list) or not all(canonical_uuid(job_id) for job_id in job_ids):
+        raise BadRequest("job_ids must be a list of canonical lowercase UUIDs", "invalid_job_id")
+    response = await forward(request, "/api/jobs/cancel", content=body)
+    if response.status_code == 200:
+        await proxy_of(request).queue_changed()
+    return response
+
+
+def _asset_path(request: Request, tail: str = "") -> str:
+    # The route's uuid convertor matched it; written canonically for ComfyUI.
+    return f"/api/assets/{request.path_params['asset_id']}{tail}"
+
+
+async def asset_content(request: Request) -> Response:
+    """GET /api/assets/{id}/content on the download data path, like /view."""
+    streams = proxy_of(request).streams
+    target = _path_with_query(request, _asset_path(request, "/content"))
+    answer = await streams.open(request.method, target, _upstream_headers(request))
+    return Passthrough(answer)
+
+
+async def head_asset_hash(request: Request) -> Response:
+    content_hash = str(request.path_params["content_hash"])
+    if not _BLAKE3.fullmatch(content_hash):
+        raise BadRequest("the hash must be blake3: and 64 lowercase hex digits", "bad_hash")
+    return await forward(request, f"/api/assets/hash/{content_hash}")
+
+
+def _current_routes() -> list[BaseRoute]:
+    """The jobs and assets APIs, under /api only (asset uploads are in relay.uploads)."""
+
+    def asset(tail: str = "") -> Handler:
+        async def handler(request: Request) -> Response:
+            body = await _json_body(request) if request.method == "PUT" else None
+            return await forward(request, _asset_path(request, tail), content=body)
+
+        return handler
+
+    return [
+        Route("/api/jobs", _passthrough(lambda r: "/api/jobs"), methods=["GET"]),
+        Route("/api/jobs/cancel", cancel_jobs, methods=["POST"]),
+        Route("/api/jobs/{job_id}", get_job, methods=["GET"]),
+        Route("/api/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
+        Route("/api/assets", _passthrough(lambda r: "/api/assets"), methods=["GET"]),
+        Route("/api/assets/hash/{content_hash}", head_asset_hash, methods=["HEAD"]),
+        Route("/api/assets/{asset_id:uuid}", asset(), methods=["GET", "PUT", "DELETE"]),
+        Route("/api/assets/{asset_id:uuid}/content", asset_content, methods=["GET", "HEAD"]),
+        Route("/api/tags", _passthrough(lambda r: "/api/tags"), methods=["GET"]),
+    ]
+
+
 def _run_order(item: Any) -> tuple[float, str]:
     if isinstance(item, list) and len(item) > 1 and isinstance(item[0], (int, float)):
         return (float(item[0]), str(item[1]))
@@ -297,8 +382,9 @@ def proxy_routes() -> list[BaseRoute]:
         ("/features", _passthrough(lambda r: "/features"), ["GET"]),
         ("/free", _checked_post("/free"), ["POST"]),
     ]
-    return [
+    own: list[BaseRoute] = [
         Route(prefix + path, handler, methods=methods)
         for prefix in ("", "/api")
         for path, handler, methods in routes
     ]
+    return [*own, *_current_routes()]

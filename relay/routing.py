@@ -18,15 +18,25 @@ from __future__ import annotations
 
 import re
 import secrets
+import uuid
 from typing import Any
 
-__all__ = ["CLIENT_ID", "CLIENT_KEY", "restore_client_ids", "routed_prompt", "routing_id"]
+__all__ = ["CLIENT_ID", "CLIENT_KEY", "canonical_uuid", "restore_client_ids", "routed_prompt", "routing_id"]
 
 # What a client id may be (a socket's ?clientId=, a prompt's client_id).
 CLIENT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 # Where the client's own id travels in a prompt's extra_data.
 CLIENT_KEY = "relay_client_id"
+
+
+def canonical_uuid(value: Any) -> bool:
+    """A UUID as current ComfyUI wants prompt and job ids: lowercase and hyphenated. The relay
+    matches ids exactly, so it holds every id to this too."""
+    try:
+        return isinstance(value, str) and str(uuid.UUID(value)) == value
+    except ValueError:
+        return False
 
 
 def routing_id(client_id: str) -> str:
@@ -48,13 +58,20 @@ def _restore(extra: Any) -> None:
 
 
 def restore_client_ids(answer: Any, *, shape: str) -> Any:
-    """Put clients' own ids back into a ``/queue`` or ``/history`` answer, in place.
+    """Put clients' own ids back into a ``/queue``, ``/history`` or ``/api/jobs/{id}`` answer,
+    in place.
 
-    ``shape`` is ``queue`` (``{"queue_running": [item], "queue_pending": [item]}``) or
-    ``history`` (``{prompt_id: {"prompt": item, ...}}``); an item is ComfyUI's
-    ``[number, prompt_id, graph, extra_data, outputs]``. Anything else is left as it is.
+    ``shape`` is ``queue`` (``{"queue_running": [item], "queue_pending": [item]}``),
+    ``history`` (``{prompt_id: {"prompt": item, ...}}``) or ``job`` (``{"workflow":
+    {"extra_data": ...}, ...}``); an item is ComfyUI's ``[number, prompt_id, graph,
+    extra_data, outputs]``. Anything else is left as it is.
     """
     if not isinstance(answer, dict):
+        return answer
+    if shape == "job":
+        workflow = answer.get("workflow")
+        if isinstance(workflow, dict):
+            _restore(workflow.get("extra_data"))
         return answer
     if shape == "queue":
         items = [item for key in ("queue_running", "queue_pending") for item in answer.get(key) or []]

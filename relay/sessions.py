@@ -77,6 +77,8 @@ class ClientSession:
         # hear, so their end is read from ComfyUI's history, checked by the watcher below.
         self.detached: set[str] = set()
         self._watcher: asyncio.Task[None] | None = None
+        # Unknown message types already logged (once each).
+        self._unknown_seen: set[str] = set()
         self._queue_moved = asyncio.Event()
 
     # Lifecycle --------------------------------------------------------------------------
@@ -196,6 +198,12 @@ class ClientSession:
         translation = self.translator.frame(frame, time.monotonic())
         if translation.queue_status and self.detached:
             self._queue_moved.set()
+        if translation.unknown is not None:
+            self.metrics.comfy_unknown.inc()
+            if translation.unknown not in self._unknown_seen and len(self._unknown_seen) < 64:
+                self._unknown_seen.add(translation.unknown)
+                self.log.info("ComfyUI sent a message type the relay does not know; passed on as it is",
+                              message_type=translation.unknown)  # fmt: skip
         self.apply(translation)
 
     def on_state(self, state: State, attempt: int, reason: str | None) -> None:
@@ -207,6 +215,9 @@ class ClientSession:
         if reconnected:
             self.metrics.upstream_reconnects.inc()
             self._check_routes()
+            # ComfyUI may have been restarted as another version: read what it offers again.
+            with contextlib.suppress(RelayError):
+                await self.comfy.capabilities(fresh=True)
             await self.reconcile()
 
     def _attached(self) -> set[str]:
@@ -233,26 +244,25 @@ class ClientSession:
         if not active:
             return 0
         try:
-            alive = await self.comfy.queue_ids()
-            closed = 0
-            for prompt_id in active:
-                if prompt_id in alive:
-                    continue
-                entry = (await self.comfy.history(prompt_id)).get(prompt_id)
-                now = time.monotonic()
-                if isinstance(entry, dict):
-                    ended = self.translator.recover(prompt_id, entry, now)
-                elif removed and prompt_id in self.translator.queued():
-                    ended = self.translator.cancelled(prompt_id, now)
-                else:
-                    reason = "ComfyUI no longer knows this prompt (it may have restarted); its result is lost"
-                    ended = self.translator.lost(prompt_id, reason, now)
-                closed += bool(ended.events)
-                self.apply(ended)
-            return closed
+            fates = await self.comfy.fates(active)
         except RelayError as exc:
             self.log.warning("could not reconcile prompts", reason=exc.message)
             return 0
+        closed = 0
+        for prompt_id, fate in fates.items():
+            now = time.monotonic()
+            if fate.state == "alive":
+                continue
+            if fate.entry is not None:
+                ended = self.translator.recover(prompt_id, fate.entry, now)
+            elif removed and prompt_id in self.translator.queued():
+                ended = self.translator.cancelled(prompt_id, now)
+            else:
+                reason = "ComfyUI no longer knows this prompt (it may have restarted); its result is lost"
+                ended = self.translator.lost(prompt_id, reason, now)
+            closed += bool(ended.events)
+            self.apply(ended)
+        return closed
 
     # Snapshots for clients that cannot resume ---------------------------------------------
 

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import urlencode, urlsplit, urlunsplit
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 import httpx
 import orjson
@@ -42,6 +42,7 @@ __all__ = [
     "EXIT_STOPPED",
     "EXIT_UNREACHABLE",
     "SubmitOptions",
+    "cancel_prompt",
     "list_workflows",
     "run_submit",
 ]
@@ -531,3 +532,32 @@ async def list_workflows(
             choices = f" one of {', '.join(spec['choices'])}" if spec.get("choices") else ""
             out.write(f"    {name}: {spec.get('type')}{choices}{default}\n")
     return EXIT_OK
+
+
+async def cancel_prompt(
+    relay_url: str, prompt_id: str, out: TextIO | None = None, *, token: str | None = None
+) -> int:
+    """``comfy-relay cancel``: take a prompt out of the queue, or interrupt it if it runs.
+
+    Exit codes: 0 cancelled, 1 it had already ended (nothing to cancel), 2 the id was refused,
+    3 the relay (or ComfyUI behind it) could not be reached.
+    """
+    out = out if out is not None else sys.stdout
+    try:
+        async with httpx.AsyncClient(base_url=relay_url, timeout=30.0, headers=_auth(token)) as http:
+            response = await http.post(f"/prompt/{quote(prompt_id, safe='')}/cancel")
+    except httpx.HTTPError as exc:
+        sys.stderr.write(f"comfy-relay cancel: cannot reach the relay at {relay_url}: {exc}\n")
+        return EXIT_UNREACHABLE
+    if response.status_code >= 400:
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text[:200]
+        sys.stderr.write(f"comfy-relay cancel: {message}\n")
+        return EXIT_REFUSED if response.status_code < 500 else EXIT_UNREACHABLE
+    if response.json().get("cancelled"):
+        out.write(f"{prompt_id}: cancelled\n")
+        return EXIT_OK
+    out.write(f"{prompt_id}: nothing to cancel (it had already ended, or ComfyUI does not know it)\n")
+    return EXIT_FAILED

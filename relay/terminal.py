@@ -123,6 +123,7 @@ class StepView:
     index: int | None = None
     state: str = "pending"  # pending, running, done, error, cached
     duration: float | None = None
+    activity: str | None = None  # what it spends its time on while running ("loading")
 
 
 @dataclass(slots=True)
@@ -134,6 +135,7 @@ class RunView:
     phase: str = "submitted"  # submitted, queued, running, done
     steps: dict[str, StepView] = field(default_factory=dict)
     current: str | None = None
+    reannounced: bool = False
     value: int | None = None
     maximum: int | None = None
     percent: float = 0.0
@@ -191,6 +193,9 @@ class RunView:
     def _step(self, event: Event) -> None:
         self.phase = "running"
         step = self.step(event["node"])
+        # A running step announced again: only its activity changed.
+        self.reannounced = step.state == "running" and event.get("state") == "running"
+        step.activity = event.get("activity") if event.get("state") == "running" else None
         step.name = str(event.get("name") or step.name)
         step.index = event.get("index", step.index)
         step.state = str(event.get("state", step.state))
@@ -356,6 +361,8 @@ class PlainRenderer:
     def _step(self, event: Event) -> None:
         view = self.view
         step = view.step(event["node"])
+        if step.state == "running" and view.reannounced:
+            return  # only its activity changed: one line per step here; the live view shows it
         if step.state == "running":
             eta = f", eta {duration(view.eta)}" if view.eta is not None else ""
             self._line(f"{view.label(step)} (elapsed {duration(view.elapsed)}, {view.percent:.1f}%{eta})")
@@ -446,7 +453,7 @@ class LiveRenderer:
         step = view.steps.get(view.current) if view.current is not None else None
         first = "▶ …"
         if step is not None:
-            first = f"▶ {view.label(step)}"
+            first = f"▶ {view.label(step)}" + (f" ({step.activity})" if step.activity else "")
             if isinstance(view.value, int) and isinstance(view.maximum, int) and view.maximum > 0:
                 digits = len(str(view.maximum))
                 sampler = f"  {bar(view.value / view.maximum, 12)} {view.value:>{digits}}/{view.maximum}"

@@ -16,7 +16,10 @@ Step semantics (the contract in ``docs/events.md``):
 * ``elapsed`` is measured from ``execution_start``; the wait in the queue is ``queued_for``.
 
 Only prompts that were registered here produce events: frames about other prompts (ComfyUI
-broadcasts some of them to every socket) are dropped, so no client sees another's work.
+broadcasts some of them to every socket) are dropped, so no client sees another's work. A
+message type the relay does not know (a newer ComfyUI's, a custom node's) produces no event;
+it is named in the translation and forwarded raw when it concerns nobody's prompt or this
+client's.
 """
 
 from __future__ import annotations
@@ -112,9 +115,10 @@ class _Step:
     started: float | None = None
     duration: float | None = None
     iterations: int | None = None  # as its progress reported them
+    activity: str | None = None  # what the running step spends its time on ("loading")
 
     def public(self) -> dict[str, Any]:
-        return {
+        public = {
             "node": self.spec.node,
             "class_type": self.spec.class_type,
             "name": self.spec.name,
@@ -122,6 +126,9 @@ class _Step:
             "state": self.state,
             "duration": self.duration,
         }
+        if self.activity is not None and self.state == "running":
+            public["activity"] = self.activity
+        return public
 
 
 @dataclass(slots=True)
@@ -209,6 +216,15 @@ class Translation:
     timings: list[StepTiming] = field(default_factory=list)
     # ComfyUI announced its queue (a prompt may have ended somewhere).
     queue_status: bool = False
+    # The type of a JSON message this relay does not know (a newer ComfyUI, a custom node).
+    unknown: str | None = None
+
+
+# The JSON message types the relay understands; others pass to raw subscribers untouched.
+KNOWN_MESSAGES = frozenset(
+    {"status", "feature_flags", "executing", "executed", "execution_start", "execution_cached",
+     "execution_success", "execution_error", "execution_interrupted", "progress", "progress_state", "logs"}
+)  # fmt: skip
 
 
 class Translator:
@@ -296,7 +312,8 @@ class Translator:
             key = (message_type, None, None) if message_type in ("progress", "progress_state") else None
             forward = Forward(frame, key)
         events = self._dispatch("json", message, now)
-        return self._out(events, forward=forward, queue_status=message_type == "status")
+        unknown = None if message_type in KNOWN_MESSAGES else str(message_type)[:100]
+        return self._out(events, forward=forward, queue_status=message_type == "status", unknown=unknown)
 
     def _is_ours(self, message: Mapping[str, Any]) -> bool:
         """Whether a raw ComfyUI message may be forwarded to this client's raw subscribers."""
@@ -308,6 +325,8 @@ class Translator:
         data = message.get("data")
         prompt_id = data.get("prompt_id") if isinstance(data, dict) else None
         if prompt_id is None:
+            if message_type not in KNOWN_MESSAGES:
+                return True  # news for every socket (asset scans...): nobody's prompt in it
             return message_type == "executing" and self.running is not None
         return self.knows(str(prompt_id))
 
@@ -428,8 +447,12 @@ class Translator:
             events: list[Event] = []
             if isinstance(nodes, dict):
                 for node, entry in nodes.items():
-                    if isinstance(entry, dict) and entry.get("state") == "finished":
+                    if not isinstance(entry, dict):
+                        continue
+                    if entry.get("state") == "finished":
                         events += self._finish_step(run, str(node), now)
+                    elif entry.get("state") == "running":
+                        events += self._activity(run, str(node), entry.get("activity"), now)
             return events
         if message_type == "executed":
             return self._executed(run, data, now)
@@ -516,6 +539,15 @@ class Translator:
         if run.current == node:
             run.current = None
             run.fraction = 0.0
+        return [self._step_event(run, step, now)]
+
+    def _activity(self, run: _Run, node: str, activity: Any, now: float) -> list[Event]:
+        """A running step's activity changed (current ComfyUI): announce the step again with it."""
+        step = run.steps.get(node)
+        activity = activity if isinstance(activity, str) and activity else None
+        if step is None or step.state != "running" or step.activity == activity:
+            return []
+        step.activity = activity
         return [self._step_event(run, step, now)]
 
     def _progress(self, run: _Run, data: Mapping[str, Any], now: float) -> list[Event]:
@@ -710,6 +742,7 @@ class Translator:
             run.percent(),
             step.duration if step.state in ("done", "error") else None,
             self._eta(run, now) if step.state in ("running", "done") else None,
+            step.activity if step.state == "running" else None,
         )
 
     def _eta(self, run: _Run, now: float) -> float | None:

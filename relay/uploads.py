@@ -1,4 +1,5 @@
-"""POST /upload/image and /upload/mask: checked, then streamed to ComfyUI, never held in memory.
+"""Uploads (``/upload/image``, ``/upload/mask``, and ``POST /api/assets`` of current ComfyUI):
+checked, then streamed to ComfyUI, never held in memory.
 
 The relay reads the form until the first file part's headers, checking the file name and every
 field before it; only then does it open the request to ComfyUI, forwarding what it read and
@@ -11,7 +12,7 @@ anything is read.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ from relay.errors import BadRequest, PayloadTooLarge
 from relay.filenames import upstream_safe_name, upstream_safe_subfolder
 from relay.proxy import forward, proxy_of
 
-__all__ = ["upload_image", "upload_mask", "upload_routes"]
+__all__ = ["upload_asset", "upload_image", "upload_mask", "upload_routes"]
 
 _FIELD_LIMIT = 64 * 1024
 # The most the relay reads before the first file part: fields are small, a form is not a file.
@@ -93,7 +94,7 @@ def _multipart(request: Request, limit: int) -> bytes:
     media_type, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")
     if media_type != b"multipart/form-data" or not boundary:
-        raise BadRequest("an upload must be multipart/form-data with an 'image' file", "invalid_upload")
+        raise BadRequest("an upload must be multipart/form-data with a file part", "invalid_upload")
     return boundary
 
 
@@ -109,13 +110,22 @@ def _check_fields(form: _Form, *, mask: bool) -> None:
         _check_original_ref(form.fields["original_ref"])
 
 
-def _check_file(form: _Form) -> None:
-    """The first file part, whose headers have been read: it must be 'image' with a plain name."""
+def _check_file(form: _Form, part: str = "image") -> None:
+    """The first file part, whose headers have been read: it must be ``part`` with a plain name."""
     name, filename = form.first_file or ("", "")
-    if name != "image":
-        raise BadRequest("the form needs an 'image' file part", "invalid_upload")
+    if name != part:
+        raise BadRequest(f"the form needs a '{part}' file part", "invalid_upload")
     if not upstream_safe_name(filename) or "/" in filename:
         raise BadRequest("the file name must be a plain name (no '/', no '..')", "bad_filename")
+
+
+def _check_asset_fields(form: _Form) -> None:
+    """An asset's fields: a plain name, if one is given, and no file sent as text."""
+    if "file" in form.fields:
+        raise BadRequest("'file' must be a file part, not a text field", "invalid_upload")
+    name = form.fields.get("name")
+    if name is not None and (not upstream_safe_name(name) or "/" in name):
+        raise BadRequest("the asset name must be a plain name (no '/', no '..')", "bad_filename")
 
 
 def _feed(parser: MultipartParser, chunk: bytes) -> None:
@@ -126,6 +136,21 @@ def _feed(parser: MultipartParser, chunk: bytes) -> None:
 
 
 async def _upload(request: Request, path: str, *, mask: bool) -> Response:
+    return await _stream_form(
+        request,
+        path,
+        check_fields=lambda form: _check_fields(form, mask=mask),
+        check_file=_check_file,
+    )
+
+
+async def _stream_form(
+    request: Request,
+    path: str,
+    *,
+    check_fields: Callable[[_Form], None],
+    check_file: Callable[[_Form], None],
+) -> Response:
     limit = proxy_of(request).max_upload_bytes
     form = _Form()
     parser = MultipartParser(_multipart(request, limit), form.callbacks())
@@ -147,8 +172,8 @@ async def _upload(request: Request, path: str, *, mask: bool) -> Response:
             raise BadRequest("the fields before the file are too large", "invalid_upload")
         head.append(chunk)
         _feed(parser, chunk)
-        _check_fields(form, mask=mask)
-    _check_file(form)
+        check_fields(form)
+    check_file(form)
 
     async def body() -> AsyncIterator[bytes]:
         nonlocal size
@@ -159,7 +184,7 @@ async def _upload(request: Request, path: str, *, mask: bool) -> Response:
             if size > limit:
                 raise PayloadTooLarge(f"uploads are limited to {limit} bytes")
             _feed(parser, chunk)
-            _check_fields(form, mask=mask)
+            check_fields(form)
             yield chunk
         parser.finalize()
 
@@ -193,9 +218,20 @@ async def upload_mask(request: Request) -> Response:
     return await _upload(request, "/upload/mask", mask=True)
 
 
+async def upload_asset(request: Request) -> Response:
+    """POST /api/assets: a 'file' part and its fields (current ComfyUI's asset upload)."""
+    return await _stream_form(
+        request,
+        "/api/assets",
+        check_fields=_check_asset_fields,
+        check_file=lambda form: _check_file(form, "file"),
+    )
+
+
 def upload_routes() -> list[BaseRoute]:
-    return [
+    routes: list[BaseRoute] = [
         Route(prefix + path, handler, methods=["POST"])
         for prefix in ("", "/api")
         for path, handler in (("/upload/image", upload_image), ("/upload/mask", upload_mask))
     ]
+    return [*routes, Route("/api/assets", upload_asset, methods=["POST"])]

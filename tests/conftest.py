@@ -13,6 +13,7 @@ import pytest
 
 from relay.config import RelayConfig
 from relay.emulator import EmulatorConfig, RunningEmulator, run_emulator
+from relay.emulator.config import PROFILES, ComfyVersion
 from relay.server import RunningRelay, run_relay
 from tests.driver import Session, open_session
 
@@ -24,10 +25,18 @@ SCREENSHOTS = Path(os.environ.get("RELAY_SCREENSHOTS", Path(__file__).parents[1]
 TEST_SPEED = 20.0
 
 
+@pytest.fixture(params=PROFILES)
+def comfyui_version(request: pytest.FixtureRequest) -> ComfyVersion:
+    """Every test on an emulator runs against each ComfyUI the relay supports (docs/emulator.md).
+    The contract tests, held to the 0.3.64 recordings, override it."""
+    version: ComfyVersion = request.param
+    return version
+
+
 @pytest.fixture
-def emulator_config() -> EmulatorConfig:
+def emulator_config(comfyui_version: ComfyVersion) -> EmulatorConfig:
     """Override in a test module to start the emulator with other flags."""
-    return EmulatorConfig(port=0, speed=TEST_SPEED)
+    return EmulatorConfig(port=0, speed=TEST_SPEED, comfyui_version=comfyui_version)
 
 
 @pytest.fixture
@@ -44,9 +53,9 @@ async def session(emulator: RunningEmulator) -> AsyncIterator[Session]:
 
 @pytest.fixture
 async def slow_session() -> AsyncIterator[Session]:
-    """An emulator at x2: slow enough that a test can act in the middle of a run."""
+    """An emulator at x2 (0.3.64, for the contract tests): slow enough to act in the middle of a run."""
     async with (
-        run_emulator(EmulatorConfig(port=0, speed=2)) as emulator,
+        run_emulator(EmulatorConfig(port=0, speed=2, comfyui_version="0.3.64")) as emulator,
         open_session(emulator.url) as current,
     ):
         yield current

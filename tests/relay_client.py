@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import websockets
@@ -14,6 +14,19 @@ from websockets.asyncio.client import ClientConnection
 __all__ = ["Tab", "open_tab"]
 
 Event = dict[str, Any]
+
+
+def first_running(steps: Iterable[Event]) -> list[Event]:
+    """Each step's first ``running`` event: a step announced again for its activity
+    ("loading", on current ComfyUI) is the same step, not a new one."""
+    seen: set[tuple[Any, Any]] = set()
+    first = []
+    for event in steps:
+        key = (event.get("prompt_id"), event["node"])
+        if event["type"] == "relay.step" and event["state"] == "running" and key not in seen:
+            seen.add(key)
+            first.append(event)
+    return first
 
 
 class Tab:
@@ -43,6 +56,10 @@ class Tab:
             self.close_code = self.connection.close_code
             self.closed.set()
             self._arrived.set()
+
+    def started(self, prompt_id: str) -> list[Event]:
+        """Each step's first ``running`` event (see :func:`first_running`)."""
+        return first_running(self.of("relay.step", prompt_id))
 
     def of(self, event_type: str, prompt_id: str | None = None) -> list[Event]:
         return [

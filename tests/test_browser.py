@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from relay.emulator import EmulatorConfig, RunningEmulator
+from relay.emulator.config import ComfyVersion
 from relay.emulator.images import encode, generated_art
 from relay.server import RunningRelay, run_relay
 from tests.conftest import SCREENSHOTS, relay_config
@@ -50,9 +51,9 @@ PHONE = {"width": 390, "height": 844}
 
 
 @pytest.fixture
-def emulator_config() -> EmulatorConfig:
+def emulator_config(comfyui_version: ComfyVersion) -> EmulatorConfig:
     # Slow enough to watch a run, reload in its middle and cancel what waits behind it.
-    return EmulatorConfig(port=0, speed=2)
+    return EmulatorConfig(port=0, speed=2, comfyui_version=comfyui_version)
 
 
 @pytest.fixture

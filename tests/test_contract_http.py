@@ -11,11 +11,20 @@ import io
 from typing import Any
 
 import httpx
+import pytest
 from PIL import Image
 
+from relay.emulator.config import ComfyVersion
 from relay.emulator.edge import SERVER_ERROR_BODY
 from tests.driver import Session
 from tests.tracekit import TRACES, fold_progress, load_trace, normalize, shape, split_status
+
+
+@pytest.fixture
+def comfyui_version() -> ComfyVersion:
+    """Held to the recordings of a real 0.3.64 server."""
+    return "0.3.64"
+
 
 CLIENT = "relayprobe-fixed-client-0001"
 PROBE_PNG = (TRACES / "07-upload.probe_upload.png").read_bytes() if TRACES.is_dir() else b""

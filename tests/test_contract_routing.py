@@ -9,9 +9,19 @@ from __future__ import annotations
 import asyncio
 import re
 
+import pytest
+
 from relay.emulator import EmulatorConfig, run_emulator
+from relay.emulator.config import ComfyVersion
 from tests.driver import Session, of_type, open_session
 from tests.tracekit import fold_progress, load_trace, shape, split_status, token
+
+
+@pytest.fixture
+def comfyui_version() -> ComfyVersion:
+    """Held to the recordings of a real 0.3.64 server."""
+    return "0.3.64"
+
 
 CLIENT = "relayprobe-fixed-client-0001"
 
@@ -54,7 +64,7 @@ async def test_08_duplicate_client_id_orphans_sockets(slow_session: Session) -> 
 
 async def test_08_duplicate_quirk_can_be_turned_off() -> None:
     """Without the quirk, closing the replaced socket leaves the replacement registered."""
-    config = EmulatorConfig(port=0, speed=20, duplicate_client_quirk=False)
+    config = EmulatorConfig(port=0, speed=20, duplicate_client_quirk=False, comfyui_version="0.3.64")
     async with run_emulator(config) as emulator, open_session(emulator.url) as session:
         trace = load_trace("08")
         a = await session.connect("A", "dup")

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import io
 
+import pytest
 from PIL import Image
 
+from relay.emulator.config import ComfyVersion
 from relay.protocol import PREVIEW_METADATA_KEYS
 from tests.driver import RecordingSocket, Session, of_type
 from tests.tracekit import (
@@ -25,6 +27,13 @@ from tests.tracekit import (
     split_status,
     token,
 )
+
+
+@pytest.fixture
+def comfyui_version() -> ComfyVersion:
+    """Held to the recordings of a real 0.3.64 server."""
+    return "0.3.64"
+
 
 CLIENT = "relayprobe-fixed-client-0001"
 

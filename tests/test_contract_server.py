@@ -17,9 +17,17 @@ import pytest
 import websockets
 
 from relay.emulator import EmulatorConfig, RunningEmulator, run_emulator
+from relay.emulator.config import ComfyVersion
 from tests.driver import Session, of_type
 from tests.test_contract_http import PROBE_PNG, content_type, replay
 from tests.tracekit import TRACES, load_trace, normalize, shape
+
+
+@pytest.fixture
+def comfyui_version() -> ComfyVersion:
+    """Held to the recordings of a real 0.3.64 server."""
+    return "0.3.64"
+
 
 CLIENT = "relayprobe-fixed-client-0001"
 
@@ -238,7 +246,12 @@ async def test_13_upload_over_the_default_limit(session: Session) -> None:
 async def flagged() -> AsyncIterator[tuple[RunningEmulator, Session]]:
     """The server of trace 15: --enable-cors-header --enable-compress-response-body --max-upload-size 1."""
     config = EmulatorConfig(
-        port=0, speed=20, cors_origin="*", compress_responses=True, max_upload_size_mb=1.0
+        comfyui_version="0.3.64",
+        port=0,
+        speed=20,
+        cors_origin="*",
+        compress_responses=True,
+        max_upload_size_mb=1.0,
     )
     async with run_emulator(config) as emulator, httpx.AsyncClient(base_url=emulator.url, timeout=30) as http:
         session = Session(emulator.url, http)

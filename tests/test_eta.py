@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from relay.emulator import EmulatorConfig, RunningEmulator, run_emulator
+from relay.emulator.config import ComfyVersion
 from relay.eta import Durations
 from relay.events import Done
 from relay.observers import EtaKeeper
@@ -26,8 +27,8 @@ SPEED = 4.0
 
 
 @pytest.fixture
-async def steady_emulator() -> AsyncIterator[RunningEmulator]:
-    async with run_emulator(EmulatorConfig(port=0, speed=SPEED)) as emulator:
+async def steady_emulator(comfyui_version: ComfyVersion) -> AsyncIterator[RunningEmulator]:
+    async with run_emulator(EmulatorConfig(port=0, speed=SPEED, comfyui_version=comfyui_version)) as emulator:
         yield emulator
 
 

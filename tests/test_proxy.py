@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import socket
 from collections.abc import AsyncIterator
 from urllib.parse import unquote
@@ -12,6 +13,7 @@ from urllib.parse import unquote
 import httpx
 
 from relay.emulator import RunningEmulator
+from relay.emulator.config import ComfyVersion
 from relay.server import RunningRelay, run_relay
 from tests.conftest import relay_config
 from tests.relay_client import open_tab
@@ -199,10 +201,21 @@ async def test_unreachable_and_stalled_comfyui(emulator: RunningEmulator) -> Non
 PNG = (TRACES / "07-upload.probe_upload.png").read_bytes()
 
 
-async def test_upload_round_trip_and_dedup(relay: RunningRelay, relay_http: httpx.AsyncClient) -> None:
+async def test_upload_round_trip_and_dedup(
+    relay: RunningRelay, relay_http: httpx.AsyncClient, comfyui_version: ComfyVersion
+) -> None:
     """An upload through the relay lands in ComfyUI's input folder and a LoadImage graph uses it."""
     first = await relay_http.post("/upload/image", files={"image": ("portrait.png", PNG, "image/png")})
-    assert first.json() == {"name": "portrait.png", "subfolder": "", "type": "input"}
+    answer = first.json()
+    asset = answer.pop("asset", None)  # current ComfyUI registers every upload as an asset
+    assert answer == {"name": "portrait.png", "subfolder": "", "type": "input"}
+    if comfyui_version == "current":
+        assert asset["name"] == "portrait.png"
+        assert re.fullmatch(r"blake3:[0-9a-f]{64}", asset["asset_hash"])
+        by_hash = await relay_http.get("/view", params={"filename": asset["asset_hash"]})
+        assert by_hash.content == PNG  # /view serves it by its hash too
+    else:
+        assert asset is None
     other = PNG[:-5] + bytes(5)
     second = await relay_http.post("/api/upload/image", files={"image": ("portrait.png", other, "image/png")})
     assert second.json()["name"] == "portrait (1).png"  # ComfyUI's own naming comes back

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import uuid
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ async def test_text_to_image_run(relay: RunningRelay, relay_http: httpx.AsyncCli
     assert (started["total"], started["cached"], started["completed"]) == (7, [], 0)
     assert started["queued_for"] >= 0
 
-    running = [e for e in tab.of("relay.step", prompt_id) if e["state"] == "running"]
+    running = tab.started(prompt_id)
     finished = [e for e in tab.of("relay.step", prompt_id) if e["state"] == "done"]
     assert [(e["node"], e["index"], e["total"]) for e in running] == [
         (node, i, 7) for i, node in enumerate(TEXT2IMG_ORDER, start=1)
@@ -167,7 +168,7 @@ async def test_removed_from_the_queue_ends_cancelled(
     """Deleting pending prompts through the relay (by id, or clear) ends each with relay.done cancelled."""
     tab = await open_tab(relay.ws_url, "clientId=dora")
     running = await submit(relay_http, load_trace("04").workflow(), "dora")
-    pending = [await submit(relay_http, TEXT2IMG, "dora", prompt_id=f"pending-{n}") for n in range(3)]
+    pending = [await submit(relay_http, TEXT2IMG, "dora", prompt_id=str(uuid.uuid4())) for _ in range(3)]
     await tab.wait_type("relay.progress", running)
     assert (await relay_http.post("/queue", json={"delete": [pending[0]]})).status_code == 200
     done = await tab.wait_done(pending[0])
@@ -304,16 +305,26 @@ async def test_progress_text_and_uncompressed_sockets(
     await tab.close()
 
 
-async def test_client_chosen_prompt_id_is_kept_and_contained(
-    relay: RunningRelay, relay_http: httpx.AsyncClient
+async def test_client_chosen_prompt_id_is_kept_and_checked(
+    relay: RunningRelay, relay_http: httpx.AsyncClient, emulator: RunningEmulator
 ) -> None:
-    """A prompt_id chosen by the client is used as is, even one that looks like a path."""
+    """A prompt_id chosen by the client is used as is; one that is not a canonical UUID (current
+    ComfyUI refuses those, and ids are matched exactly) gets the relay's own 400, and ComfyUI
+    never hears of it."""
     tab = await open_tab(relay.ws_url, "clientId=chooser")
-    odd = "../queue?x=1"
+    chosen = str(uuid.uuid4())
+    graph = load_trace("01").workflow()
     response = await relay_http.post(
-        "/prompt", json={"prompt": load_trace("01").workflow(), "client_id": "chooser", "prompt_id": odd}
+        "/prompt", json={"prompt": graph, "client_id": "chooser", "prompt_id": chosen}
     )
-    assert response.json()["prompt_id"] == odd
-    done = await tab.wait_done(odd)
-    assert done["status"] == "success"
+    assert response.json()["prompt_id"] == chosen
+    assert (await tab.wait_done(chosen))["status"] == "success"
+    posts_before = sum(1 for r in emulator.state.requests if r[:2] == ("POST", "/prompt"))
+    for odd in ("../queue?x=1", chosen.upper(), chosen.replace("-", ""), 42):
+        refused = await relay_http.post(
+            "/prompt", json={"prompt": graph, "client_id": "chooser", "prompt_id": odd}
+        )
+        assert refused.status_code == 400
+        assert refused.json()["error"]["type"] == "invalid_prompt_id"
+    assert sum(1 for r in emulator.state.requests if r[:2] == ("POST", "/prompt")) == posts_before
     await tab.close()

@@ -7,6 +7,7 @@ import asyncio
 import httpx
 
 from relay.emulator import EmulatorConfig, RunningEmulator, run_emulator
+from relay.emulator.config import ComfyVersion
 from relay.emulator.sockets import SocketHub
 from relay.errors import CLOSE_GOING_AWAY
 from relay.server import RunningRelay, run_relay
@@ -90,10 +91,10 @@ async def test_no_events_cross_clients(
         await tab.close()
 
 
-async def test_comfyui_restart_mid_run_ends_every_prompt() -> None:
+async def test_comfyui_restart_mid_run_ends_every_prompt(comfyui_version: ComfyVersion) -> None:
     """ComfyUI restarts with two prompts in flight: the relay reconnects and reports both as lost."""
     async with (
-        run_emulator(EmulatorConfig(port=0, speed=5)) as emulator,
+        run_emulator(EmulatorConfig(port=0, speed=5, comfyui_version=comfyui_version)) as emulator,
         run_relay(relay_config(emulator)) as relay,
         httpx.AsyncClient(base_url=relay.url, timeout=30) as http,
     ):
@@ -114,10 +115,10 @@ async def test_comfyui_restart_mid_run_ends_every_prompt() -> None:
         await tab.close()
 
 
-async def test_dropped_socket_recovers_finished_and_running_prompts() -> None:
+async def test_dropped_socket_recovers_finished_and_running_prompts(comfyui_version: ComfyVersion) -> None:
     """The socket drops while ComfyUI keeps working: a prompt that ended meanwhile is recovered from
     history, the one still running continues live."""
-    async with run_emulator(EmulatorConfig(port=0, speed=5)) as emulator:
+    async with run_emulator(EmulatorConfig(port=0, speed=5, comfyui_version=comfyui_version)) as emulator:
         config = relay_config(emulator, reconnect_initial=1.0, reconnect_max=1.0, reconnect_jitter=0.0)
         async with run_relay(config) as relay, httpx.AsyncClient(base_url=relay.url, timeout=30) as http:
             tab = await open_tab(relay.ws_url, "clientId=drop")
@@ -132,6 +133,10 @@ async def test_dropped_socket_recovers_finished_and_running_prompts() -> None:
             # Progress of the long prompt went on after the reconnect.
             reconnected = max(e["seq"] for e in tab.of("relay.upstream") if e["state"] == "connected")
             assert [e for e in tab.of("relay.progress", long) if e["seq"] > reconnected]
+            # How the short one's end was read: the jobs API where ComfyUI has it, else history.
+            asked = {path for method, path, _, _ in emulator.state.requests if method == "GET"}
+            assert (f"/api/jobs/{short}" in asked) is (comfyui_version == "current")
+            assert (f"/history/{short}" in asked) is (comfyui_version == "0.3.64")
             await tab.close()
 
 

@@ -22,10 +22,12 @@ import pytest
 from PIL import Image
 
 from relay.emulator import EmulatorConfig, RunningEmulator
+from relay.emulator.config import ComfyVersion
 from relay.server import RunningRelay, run_relay
-from relay.terminal import PlainRenderer, RunView, bar, display_width, duration, fit
+from relay.terminal import LiveRenderer, PlainRenderer, RunView, bar, display_width, duration, fit
 from tests.conftest import relay_config
 from tests.netcut import forwarder
+from tests.relay_client import open_tab
 from tests.test_emulator_cli import free_port
 from tests.tracekit import load_trace
 
@@ -192,9 +194,9 @@ async def test_failed_run_exits_1_naming_the_step(relay: RunningRelay, tmp_path:
 
 
 @pytest.fixture
-def emulator_config() -> EmulatorConfig:
+def emulator_config(comfyui_version: ComfyVersion) -> EmulatorConfig:
     # Slow enough to act in the middle of a run (portrait_mode takes a few seconds).
-    return EmulatorConfig(port=0, speed=3)
+    return EmulatorConfig(port=0, speed=3, comfyui_version=comfyui_version)
 
 
 async def test_interrupted_run_exits_1(relay: RunningRelay) -> None:
@@ -383,3 +385,53 @@ async def test_submit_to_a_relay_with_a_token(emulator: RunningEmulator) -> None
         code, out, _ = await run_cli("workflows", "--relay", relay.url, "--token", token)
         assert code == 0
         assert "text2img" in out
+
+
+def test_a_step_announced_again_with_its_activity() -> None:
+    """A running step announced again with an activity (current ComfyUI's "loading") is one step:
+    one plain line, and the live status names what it is doing until it says otherwise."""
+    step = {"type": "relay.step", "prompt_id": "p1", "node": "1", "name": "load", "index": 1,
+            "state": "running", "elapsed": 0.0, "percent": 0.0}  # fmt: skip
+    out, live_out = io.StringIO(), io.StringIO()
+    plain = PlainRenderer(RunView("p1"), out, base_url="http://relay:8190/")
+    live_view = RunView("p1")
+    live = LiveRenderer(live_view, live_out, base_url="http://relay:8190/", columns=60)
+    for renderer in (plain, live):
+        renderer.event({"type": "relay.queued", "prompt_id": "p1", "total": 2, "steps": []})
+        renderer.event(step)
+        renderer.event({**step, "activity": "loading"})
+    assert [line for line in out.getvalue().splitlines() if line.startswith("[")] == [
+        "[1/2] load (elapsed 0.0 s, 0.0%)"
+    ]
+    assert live._status()[0].startswith("▶ [1/2] load (loading)")
+    live.event(step)  # the activity is over
+    assert "(loading)" not in live._status()[0]
+    live.close()
+
+
+async def test_cancel_command(relay: RunningRelay) -> None:
+    """``comfy-relay cancel ID`` takes a waiting prompt out of the queue (exit 0), says when there
+    is nothing left to cancel (exit 1) and refuses a malformed id (exit 2)."""
+    tab = await open_tab(relay.ws_url, "clientId=quitter")
+    async with httpx.AsyncClient(base_url=relay.url, timeout=30) as http:
+        slow = load_trace("04").workflow()
+        running = (await http.post("/prompt", json={"prompt": slow, "client_id": "quitter"})).json()[
+            "prompt_id"
+        ]
+        graph = load_trace("01").workflow()
+        waiting = (await http.post("/prompt", json={"prompt": graph, "client_id": "quitter"})).json()[
+            "prompt_id"
+        ]
+        await tab.wait_type("relay.progress", running)
+        code, out, err = await run_cli("cancel", waiting, "--relay", relay.url)
+        assert (code, out.strip()) == (0, f"{waiting}: cancelled"), err
+        assert (await tab.wait_done(waiting))["status"] == "cancelled"
+        code, out, _ = await run_cli("cancel", waiting, "--relay", relay.url)
+        assert code == 1
+        assert "nothing to cancel" in out
+        code, _, err = await run_cli("cancel", "not-a-prompt-id", "--relay", relay.url)
+        assert code == 2
+        assert "canonical lowercase UUID" in err
+        await http.post(f"/prompt/{running}/cancel")
+        assert (await tab.wait_done(running))["status"] == "interrupted"
+    await tab.close()

@@ -68,7 +68,7 @@ async def test_each_workflow_runs_through_the_relay_with_named_steps(
         assert {s["node"]: s["name"] for s in queued["steps"]} == {
             node: texts[lang] for node, texts in data["steps"].items()
         }
-        running = [e for e in tab.of("relay.step", prompt_id) if e["state"] == "running"]
+        running = tab.started(prompt_id)
         assert [e["index"] for e in running] == list(range(1, total + 1))
         assert all(e["name"] == data["steps"][e["node"]][lang] for e in running)
         assert running[-1]["node"] == SAVES[name]  # the save step is always reported

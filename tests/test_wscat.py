@@ -14,6 +14,7 @@ import pytest
 from relay.emulator import RunningEmulator
 from relay.server import RunningRelay, run_relay
 from tests.conftest import relay_config
+from tests.relay_client import first_running
 
 WSCAT = Path(__file__).parents[1] / "build" / "tools" / "node_modules" / ".bin" / "wscat"
 
@@ -86,7 +87,7 @@ async def test_wscat_watches_a_run(relay: RunningRelay) -> None:
         done = await watcher.until(lambda e: e["type"] == "relay.done" and e["prompt_id"] == prompt_id)
         assert done["status"] == "success"
         steps = [e for e in watcher.events() if e["type"] == "relay.step" and e["prompt_id"] == prompt_id]
-        running = [e["index"] for e in steps if e["state"] == "running"]
+        running = [e["index"] for e in first_running(steps)]
         assert running == list(range(1, 8))
         assert [e for e in steps if e["state"] == "done"][-1]["percent"] == 100.0
         assert all(e["name"] for e in steps)

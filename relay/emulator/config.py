@@ -6,9 +6,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["DEFAULT_MODELS", "EmulatorConfig", "OutputOrder"]
+__all__ = ["CURRENT_VERSION", "DEFAULT_MODELS", "PROFILES", "ComfyVersion", "EmulatorConfig", "OutputOrder"]
 
 OutputOrder = Literal["stable", "random"]
+# Which ComfyUI the emulator is: the recorded 0.3.64, or the current release (docs/emulator.md).
+ComfyVersion = Literal["0.3.64", "current"]
+PROFILES: tuple[ComfyVersion, ...] = ("current", "0.3.64")
+# The release the "current" profile stands for.
+CURRENT_VERSION = "0.38.1"
 
 # Model files the emulated server pretends to have, by folder (GET /models/{folder}).
 DEFAULT_MODELS: dict[str, tuple[str, ...]] = {
@@ -56,9 +61,12 @@ DEFAULT_MODELS: dict[str, tuple[str, ...]] = {
 class EmulatorConfig:
     """How the emulated server behaves.
 
-    The defaults reproduce a ComfyUI 0.3.64 started with no flags. Paths left as ``None``
-    are created under a fresh temporary folder when the server starts.
+    The defaults reproduce a current ComfyUI started with no flags (``comfyui_version``
+    "0.3.64" the recorded one). Paths left as ``None`` are created under a fresh temporary
+    folder when the server starts.
     """
+
+    comfyui_version: ComfyVersion = "current"
 
     host: str = "127.0.0.1"
     port: int = 8188
@@ -85,6 +93,15 @@ class EmulatorConfig:
     seed: int | None = None
     models: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_MODELS))
     history_size: int = 10_000
+
+    @property
+    def current(self) -> bool:
+        return self.comfyui_version == "current"
+
+    @property
+    def version(self) -> str:
+        """What /system_stats reports as ``comfyui_version``."""
+        return CURRENT_VERSION if self.current else "0.3.64"
 
     @property
     def max_upload_bytes(self) -> int:

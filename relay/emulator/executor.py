@@ -55,6 +55,7 @@ class _NodeProgress:
     value: float | int = 0
     max: float | int = 1
     state: str = "pending"
+    activity: str | None = None
 
 
 @dataclass(slots=True)
@@ -96,8 +97,17 @@ def _exception_type(exc: BaseException) -> str:
 
 class Executor:
     def __init__(
-        self, *, catalogue: Catalogue, env: NodeEnv, cache: ResultCache, hub: SocketHub, speed: float
+        self,
+        *,
+        catalogue: Catalogue,
+        env: NodeEnv,
+        cache: ResultCache,
+        hub: SocketHub,
+        speed: float,
+        reports_activity: bool = False,
     ) -> None:
+        # Current ComfyUI tells what a running node spends its time on; 0.3.64 does not.
+        self.reports_activity = reports_activity
         self.catalogue = catalogue
         self.env = env
         self.cache = cache
@@ -112,6 +122,13 @@ class Executor:
         """POST /interrupt: global, or only if ``prompt_id`` is the running prompt."""
         if prompt_id is None or (self.current is not None and self.current.prompt_id == prompt_id):
             self._interrupt = True
+
+    def interrupt_if_running(self, prompt_id: str) -> bool:
+        """Interrupt ``prompt_id`` only if it is the one running; whether it was."""
+        if self.current is None or self.current.prompt_id != prompt_id:
+            return False
+        self._interrupt = True
+        return True
 
     def check_interrupt(self) -> None:
         if self._interrupt:
@@ -141,6 +158,7 @@ class Executor:
                 "display_node_id": node_id,
                 "parent_node_id": None,
                 "real_node_id": node_id,
+                **({"activity": p.activity} if p.activity is not None else {}),
             }
             for node_id, p in run.progress.items()
             if p.state != "pending"
@@ -160,11 +178,21 @@ class Executor:
         entry.value = entry.max
         await self._send_progress_state(run)
 
+    async def report_activity(self, run: _Run, node_id: str, activity: str | None) -> None:
+        entry = run.progress.setdefault(node_id, _NodeProgress())
+        if not self.reports_activity or entry.activity == activity:
+            return
+        entry.activity = activity
+        await self._send_progress_state(run)
+
     async def report_progress(
         self, run: _Run, node_id: str, value: int, total: int, preview: Preview | None
     ) -> None:
         self.check_interrupt()
-        run.progress[node_id] = _NodeProgress(value, total, "running")
+        previous = run.progress.get(node_id)
+        run.progress[node_id] = _NodeProgress(
+            value, total, "running", previous.activity if previous is not None else None
+        )
         await self._send_progress_state(run)
         frame: bytes | None = None
         with_metadata = self.hub.supports_preview_metadata(run.client_id)
@@ -349,3 +377,6 @@ class _NodeContext:
 
     async def text(self, text: str) -> None:
         await self._executor.hub.send_bytes(encode_text(self.node_id, text), None)
+
+    async def activity(self, activity: str | None) -> None:
+        await self._executor.report_activity(self._run, self.node_id, activity)

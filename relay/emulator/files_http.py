@@ -15,6 +15,7 @@ import json
 import mimetypes
 import os
 import shutil
+from collections.abc import Callable
 from email.utils import formatdate, parsedate_to_datetime
 from pathlib import Path
 from typing import Any
@@ -38,14 +39,24 @@ def _disposition(filename: str) -> dict[str, str]:
     return {"Content-Disposition": f'filename="{filename}"'}
 
 
-async def serve_view(request: Request, folders: Folders) -> Response:
+async def serve_view(
+    request: Request, folders: Folders, *, by_hash: Callable[[str], Path | None] | None = None
+) -> Response:
+    """GET /view. With ``by_hash`` (servers with an asset system), ``filename=blake3:...``
+    names a registered file by its content hash."""
     query = request.query_params
     if "filename" not in query:
         return Response(status_code=404)
-    try:
-        path = folders.view_path(query["filename"], query.get("type"), query.get("subfolder"))
-    except ViewRejected as rejected:
-        return Response(status_code=rejected.status)
+    if by_hash is not None and query["filename"].startswith("blake3:"):
+        found = by_hash(query["filename"])
+        if found is None:
+            return Response(status_code=404)
+        path = found
+    else:
+        try:
+            path = folders.view_path(query["filename"], query.get("type"), query.get("subfolder"))
+        except ViewRejected as rejected:
+            return Response(status_code=rejected.status)
     filename = path.name
     if "preview" in query:
         return await asyncio.to_thread(_preview, path, query["preview"], query.get("channel", ""))
@@ -115,7 +126,13 @@ def _channel(path: Path, channel: str) -> Response:
     return Response(out.getvalue(), headers={**_disposition(path.name), "Content-Type": "image/png"})
 
 
-async def upload(request: Request, folders: Folders, *, mask: bool = False) -> Response:
+# Registers an uploaded file as an asset: (path, name, type, subfolder) -> the answer's "asset".
+Register = Callable[[Path, str, str, str], dict[str, Any] | None]
+
+
+async def upload(
+    request: Request, folders: Folders, *, mask: bool = False, register: Register | None = None
+) -> Response:
     """POST /upload/image (and /upload/mask, which takes the mask's alpha onto an original)."""
     form = await request.form(max_part_size=4 << 20)
     try:
@@ -157,7 +174,10 @@ async def upload(request: Request, folders: Folders, *, mask: bool = False) -> R
                     return failure
             else:
                 await _copy(image, path)
-        body = {"name": filename, "subfolder": subfolder, "type": file_type}
+        body: dict[str, Any] = {"name": filename, "subfolder": subfolder, "type": file_type}
+        asset = register(path, filename, str(file_type), subfolder) if register is not None else None
+        if asset is not None:
+            body["asset"] = asset
         return Response(json.dumps(body), media_type="application/json; charset=utf-8")
     finally:
         await form.close()

@@ -99,6 +99,9 @@ class PromptQueue:
     def running(self) -> list[QueueItem]:
         return list(self._running.values())
 
+    def pending(self) -> list[QueueItem]:
+        return list(self._heap)
+
     def snapshot(self) -> dict[str, list[list[Any]]]:
         return {
             "queue_running": [item.as_list() for item in self._running.values()],

@@ -36,6 +36,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from relay.emulator import images
 from relay.emulator.cache import ResultCache
 from relay.emulator.config import EmulatorConfig
+from relay.emulator.current import AssetRegistry, canonical_uuid, current_routes
 from relay.emulator.edge import RequestLog, ServerEdge
 from relay.emulator.errors import ServerCrash
 from relay.emulator.executor import Executor
@@ -47,11 +48,10 @@ from relay.emulator.sockets import Connection, SocketHub
 from relay.emulator.validation import validate_prompt
 from relay.protocol import encode_message
 
-__all__ = ["COMFYUI_VERSION", "EmulatorState", "create_app"]
+__all__ = ["EmulatorState", "create_app"]
 
 logger = logging.getLogger("relay.emulator")
 
-COMFYUI_VERSION = "0.3.64"
 # extra_data keys the server strips before a prompt is queued or stored in history.
 _SENSITIVE_KEYS = ("auth_token_comfy_org", "api_key_comfy_org")
 _JSON = "application/json; charset=utf-8"
@@ -109,13 +109,21 @@ class EmulatorState:
         self.queue = PromptQueue(self._queue_changed, config.history_size)
         self.cache = ResultCache()
         self.executor = Executor(
-            catalogue=catalogue, env=self.env, cache=self.cache, hub=self.hub, speed=config.speed
+            catalogue=catalogue,
+            env=self.env,
+            cache=self.cache,
+            hub=self.hub,
+            speed=config.speed,
+            reports_activity=config.current,
         )
+        # Uploads registered as assets (the current profile; 0.3.64 has no asset system).
+        self.assets = AssetRegistry()
         self.logs = LogBook(self.hub)
         # What reached this server, newest last (tests check what a proxy let through).
         self.requests: deque[tuple[str, str, str, Headers]] = deque(maxlen=1000)
         self._rng = random.Random(config.seed)
         self._tasks: list[asyncio.Task[None]] = []
+        self._scanned = False
 
     def queue_info(self) -> dict[str, Any]:
         return {"exec_info": {"queue_remaining": self.queue.remaining}}
@@ -124,7 +132,31 @@ class EmulatorState:
         self.hub.send_json_nowait("status", {"status": self.queue_info()}, None)
 
     def features(self) -> dict[str, Any]:
-        return {"supports_preview_metadata": True, "max_upload_size": self.config.advertised_upload_size}
+        if not self.config.current:
+            return {"supports_preview_metadata": True, "max_upload_size": self.config.advertised_upload_size}
+        return {
+            "supports_preview_metadata": True,
+            "supports_model_type_tags": True,
+            "max_upload_size": self.config.advertised_upload_size,
+            "extension": {"manager": {"supports_v4": True}},
+            "node_replacements": True,
+            "assets": True,
+        }
+
+    def announce_scan(self) -> None:
+        """The asset seeder's scan, announced to every socket (current ComfyUI scans when the
+        node list is first asked for): message types a client has never seen before."""
+        if not self.config.current or self._scanned:
+            return
+        self._scanned = True
+        roots = ["models", "input", "output"]
+        files = sum(1 for folder in (self.folders.input, self.folders.output) for _ in folder.rglob("*"))
+        self.hub.send_json_nowait(
+            "assets.seed.started", {"roots": roots, "total": files, "phase": "fast"}, None
+        )
+        self.hub.send_json_nowait(
+            "assets.seed.completed", {"roots": roots, "total": files, "phase": "fast", "created": files}, None
+        )
 
     def order_outputs(self, outputs: list[str]) -> list[str]:
         if self.config.output_order == "random":
@@ -246,7 +278,20 @@ class _Routes:
             }
             return _json({"error": error, "node_errors": {}}, 400)
         prompt = body["prompt"]
-        prompt_id = str(body["prompt_id"]) if "prompt_id" in body else str(uuid.uuid4())
+        if not self.s.config.current:
+            prompt_id = str(body["prompt_id"]) if "prompt_id" in body else str(uuid.uuid4())
+        elif body.get("prompt_id") is None:  # absent or null: the server makes one
+            prompt_id = str(uuid.uuid4())
+        elif canonical_uuid(body["prompt_id"]):
+            prompt_id = body["prompt_id"]
+        else:
+            error = {
+                "type": "invalid_prompt_id",
+                "message": "prompt_id must be a valid UUID",
+                "details": "prompt_id must be a canonical lowercase hyphenated UUID; leave it out for one",
+                "extra_info": {},
+            }
+            return _json({"error": error, "node_errors": {}}, 400)
         targets = body.get("partial_execution_targets")
         if targets is not None and not isinstance(targets, list):
             raise ServerCrash("partial_execution_targets is not a list")
@@ -263,6 +308,8 @@ class _Routes:
             extra_data["client_id"] = body["client_id"]
         for key in _SENSITIVE_KEYS:
             extra_data.pop(key, None)
+        if self.s.config.current:
+            extra_data["create_time"] = int(time.time() * 1000)
         item = self.s.queue.new_item(number, prompt_id, prompt, extra_data, validation.outputs)
         await self.s.queue.put(item)
         return _json({"prompt_id": prompt_id, "number": number, "node_errors": validation.node_errors})
@@ -306,13 +353,23 @@ class _Routes:
     # Files --------------------------------------------------------------------------------
 
     async def view(self, request: Request) -> Response:
-        return await serve_view(request, self.s.folders)
+        resolve = self._by_hash if self.s.config.current else None
+        return await serve_view(request, self.s.folders, by_hash=resolve)
+
+    def _by_hash(self, content: str) -> Path | None:
+        asset = self.s.assets.by_hash(content)
+        return asset.path if asset is not None else None
+
+    def _register(self, path: Path, name: str, upload_type: str, subfolder: str) -> dict[str, Any] | None:
+        if not self.s.config.current:
+            return None
+        return self.s.assets.upload_answer(self.s.assets.register(path, name, upload_type, subfolder))
 
     async def upload_image(self, request: Request) -> Response:
-        return await upload(request, self.s.folders)
+        return await upload(request, self.s.folders, register=self._register)
 
     async def upload_mask(self, request: Request) -> Response:
-        return await upload(request, self.s.folders, mask=True)
+        return await upload(request, self.s.folders, mask=True, register=self._register)
 
     async def view_metadata(self, request: Request) -> Response:
         # No model file carries safetensors metadata here.
@@ -321,6 +378,7 @@ class _Routes:
     # Information ---------------------------------------------------------------------------
 
     async def object_info(self, request: Request) -> Response:
+        self.s.announce_scan()
         return _json(self.s.catalogue.object_info(self.s.env))
 
     async def object_info_node(self, request: Request) -> Response:
@@ -330,12 +388,12 @@ class _Routes:
 
     async def system_stats(self, request: Request) -> Response:
         total, free = _memory()
-        stats = {
+        stats: dict[str, Any] = {
             "system": {
                 "os": os.name,
                 "ram_total": total,
                 "ram_free": free,
-                "comfyui_version": COMFYUI_VERSION,
+                "comfyui_version": self.s.config.version,
                 "required_frontend_version": "1.27.10",
                 "installed_templates_version": "0.1.95",
                 "required_templates_version": "0.1.95",
@@ -356,6 +414,17 @@ class _Routes:
                 }
             ],
         }
+        if self.s.config.current:
+            # Current ComfyUI lists every device (the primary first) and says more about itself.
+            stats["system"].update(
+                {
+                    "required_frontend_version": "1.30.2",
+                    "installed_templates_version": "0.3.12",
+                    "required_templates_version": "0.3.12",
+                    "comfy_package_versions": {"comfyui-frontend-package": "1.30.2"},
+                    "deploy_environment": "local",
+                }
+            )
         return _json(stats)
 
     async def features(self, request: Request) -> Response:
@@ -444,7 +513,7 @@ class _Routes:
             ("/workflow_templates", self.constant({}), ["GET"]),
             ("/userdata", self.userdata, ["GET"]),
         ]
-        routes: list[BaseRoute] = []
+        routes: list[BaseRoute] = current_routes(self.s) if self.s.config.current else []
         for prefix in ("", "/api"):
             routes.append(WebSocketRoute(prefix + "/ws", self.websocket))
             routes += [Route(prefix + path, handler, methods=methods) for path, handler, methods in public]

@@ -45,6 +45,7 @@ const TEXTS = {
     other: "English",
     seconds: (s) => (s < 60 ? `${s.toFixed(1)}초` : `${Math.floor(s / 60)}분 ${String(Math.round(s % 60)).padStart(2, "0")}초`),
     stepOf: (i, n) => `[${i}/${n}]`,
+    activity: (what) => ({ loading: "불러오는 중" })[what] || what,
   },
   en: {
     connecting: "Connecting…",
@@ -87,6 +88,7 @@ const TEXTS = {
     other: "한국어",
     seconds: (s) => (s < 60 ? `${s.toFixed(1)} s` : `${Math.floor(s / 60)} m ${String(Math.round(s % 60)).padStart(2, "0")} s`),
     stepOf: (i, n) => `[${i}/${n}]`,
+    activity: (what) => ({ loading: "loading" })[what] || what,
   },
 };
 
@@ -421,6 +423,7 @@ function renderCurrent(prompt, total) {
     return;
   }
   current.append(h("strong", {}, `${T.stepOf(step.index ?? "?", total)} `), step.name);
+  if (step.activity) current.append(h("span", { class: "activity" }, ` · ${T.activity(step.activity)}`));
   if (prompt.progress && prompt.progress.max > 0) {
     const fraction = Math.min(1, prompt.progress.value / prompt.progress.max);
     current.append(

@@ -327,10 +327,12 @@ export class RelayClient {
       case "relay.step": {
         prompt.phase = "running";
         const step = prompt.step(event.node);
+        const again = step.state === "running" && event.state === "running"; // only its activity changed
         Object.assign(step, { classType: event.class_type, name: event.name, index: event.index, state: event.state });
+        step.activity = event.state === "running" ? event.activity ?? null : null;
         if (event.state === "running") {
           prompt.current = step.node;
-          prompt.progress = null;
+          if (!again) prompt.progress = null;
         } else {
           step.duration = event.duration ?? step.duration;
           if (prompt.current === step.node) prompt.current = null;
@@ -604,19 +606,13 @@ export class RelayClient {
   }
 
   /**
-   * Cancel a prompt: removed from the queue if it has not started, interrupted if it runs.
-   * Resolves to "removed", "interrupted" or "finished" (it had already ended).
+   * Cancel a prompt: removed from the queue if it has not started (it ends "cancelled"),
+   * interrupted if it runs. The relay does it in one request (ComfyUI's atomic job cancel
+   * where the server has one). Resolves to true if something was cancelled, false if the
+   * prompt had already ended.
    */
   async cancel(promptId) {
-    const { running, pending } = await this.queue();
-    if (pending.some((item) => item.id === promptId)) {
-      await this._fetch("POST", "/queue", { json: { delete: [promptId] } });
-      return "removed";
-    }
-    if (running.some((item) => item.id === promptId)) {
-      await this._fetch("POST", "/interrupt", { json: { prompt_id: promptId } });
-      return "interrupted";
-    }
-    return "finished";
+    const answer = await this._fetch("POST", `/prompt/${encodeURIComponent(promptId)}/cancel`);
+    return Boolean(answer && answer.cancelled);
   }
 }

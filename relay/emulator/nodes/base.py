@@ -118,6 +118,10 @@ class RunContext(Protocol):
     async def text(self, text: str) -> None:
         """Send a progress-text frame for this node (broadcast to every socket)."""
 
+    async def activity(self, activity: str | None) -> None:
+        """Say what the node spends its time on ("loading"), None when done; servers that
+        report activity (current ComfyUI) send it in ``progress_state``."""
+
 
 ChoiceSource = Callable[[NodeEnv], list[str]]
 

@@ -53,7 +53,9 @@ class CheckpointLoaderSimple(Node):
     input_name: ClassVar[str] = "ckpt_name"
 
     async def run(self, ctx: RunContext, **inputs: Any) -> NodeResult:
+        await ctx.activity("loading")
         await ctx.work(self.seconds)
+        await ctx.activity(None)
         name = inputs[self.input_name]
         return NodeResult((ModelRef("model", name), ModelRef("clip", name), ModelRef("vae", name)))
 
@@ -65,7 +67,9 @@ class _SingleLoader(Node):
     kind: ClassVar[str]
 
     async def run(self, ctx: RunContext, **inputs: Any) -> NodeResult:
+        await ctx.activity("loading")
         await ctx.work(self.seconds)
+        await ctx.activity(None)
         return NodeResult((ModelRef(self.kind, inputs[self.input_name]),))
 
 
