@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8190
 COMFYUI_PORT ?= 8188
 
-.PHONY: help venv browser tools lint format test test-fast demo emulator clean
+.PHONY: help venv browser tools redis lint format test test-fast demo emulator clean
 
 help:
 	@echo "make demo      run the relay on http://$(HOST):$(PORT) with the built-in ComfyUI emulator"
@@ -34,6 +34,10 @@ browser:
 tools:
 	@bash scripts/install-wscat.sh
 
+# redis-server, for the tests of the Redis state backend (they start their own on a free port).
+redis:
+	@bash scripts/install-redis.sh
+
 lint: $(STAMP)
 	$(BIN)/ruff check relay tests bench
 	$(BIN)/ruff format --check relay tests bench
@@ -43,7 +47,7 @@ format: $(STAMP)
 	$(BIN)/ruff format relay tests bench
 	$(BIN)/ruff check --fix relay tests bench
 
-test: lint browser tools
+test: lint browser tools redis
 	$(BIN)/pytest
 
 test-fast: $(STAMP)

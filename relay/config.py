@@ -55,6 +55,11 @@ class RelayConfig:
     # Limits
     # Events kept per client for resuming with ?since=.
     ring_size: int = 2048
+    # Shared state: each client's events also go to a Redis Stream, so a tab can resume after
+    # the relay restarts ('': in memory only).
+    redis_url: str = ""
+    # How long a client's stream in Redis outlives its last event, seconds.
+    redis_event_ttl: float = 3600.0
     # Frames a subscriber may have queued before progress coalesces and, at worst, it is closed.
     subscriber_queue: int = 512
     max_prompt_bytes: int = 16 * 1024 * 1024
@@ -121,6 +126,10 @@ class RelayConfig:
         for name in ("max_connections", "max_connections_per_client", "max_http_requests"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.redis_url and not re.match(r"(rediss?|unix)://", self.redis_url):
+            raise ConfigError("RELAY_REDIS_URL must be a redis://, rediss:// or unix:// URL")
+        if self.redis_event_ttl <= 0:
+            raise ConfigError("redis_event_ttl must be positive")
         if self.ready_timeout <= 0 or self.shutdown_grace < 0:
             raise ConfigError("ready_timeout must be positive and shutdown_grace not negative")
 
@@ -181,6 +190,8 @@ DESCRIPTIONS: dict[str, str] = {
     "http_read_timeout": "read timeout for HTTP requests to ComfyUI, seconds",
     "http_max_connections": "most HTTP connections to ComfyUI at once",
     "ring_size": "events kept per client for resuming with ?since=",
+    "redis_url": "Redis for shared state: clients' event streams survive a relay restart ('': memory only)",
+    "redis_event_ttl": "seconds a client's event stream stays in Redis after its last event",
     "subscriber_queue": "frames a tab may have waiting before it counts as too slow",
     "max_prompt_bytes": "largest POST /prompt body, bytes",
     "max_upload_bytes": "largest upload (/upload/image, /upload/mask), bytes",
@@ -218,6 +229,8 @@ ENV_NAMES: dict[str, str] = {
     "http_read_timeout": "RELAY_HTTP_READ_TIMEOUT",
     "http_max_connections": "RELAY_HTTP_MAX_CONNECTIONS",
     "ring_size": "RELAY_RING_SIZE",
+    "redis_url": "RELAY_REDIS_URL",
+    "redis_event_ttl": "RELAY_REDIS_EVENT_TTL",
     "subscriber_queue": "RELAY_SUBSCRIBER_QUEUE",
     "max_prompt_bytes": "RELAY_MAX_PROMPT_BYTES",
     "max_upload_bytes": "RELAY_MAX_UPLOAD_BYTES",

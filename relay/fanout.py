@@ -15,8 +15,8 @@ import contextlib
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
-from typing import Any, Literal
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, Literal, Protocol
 
 import orjson
 import structlog
@@ -27,9 +27,9 @@ from relay import eager
 from relay.eager import Unfinished
 from relay.errors import TooSlow
 from relay.events import Event, envelope
-from relay.i18n import picker
+from relay.i18n import LANGUAGES, picker
 
-__all__ = ["Channel", "Mode", "Outgoing", "Subscriber", "coalesce_key", "send_message"]
+__all__ = ["Backlog", "Channel", "Mode", "Outgoing", "Subscriber", "coalesce_key", "send_message"]
 
 log = structlog.get_logger("relay.fanout")
 
@@ -291,6 +291,21 @@ class Subscriber:
                 task.cancel()
 
 
+# An event as kept for resuming: seq, payload in the channel's language, and the payload in
+# every language when the event has texts that differ by language.
+Kept = tuple[int, str, Mapping[str, str] | None]
+
+
+class Backlog(Protocol):
+    """Where a channel's events are also kept, beyond its ring and this process (relay.eventlog)."""
+
+    def keep(self, seq: int, payload: str, variants: Mapping[str, str] | None) -> None:
+        """Keep an event; must not wait."""
+
+    async def since(self, seq: int) -> list[Kept] | None:
+        """The events after ``seq``; None when some of them are not kept."""
+
+
 class Channel:
     """A client's event stream: sequence numbers, the resume ring, and its subscribers.
 
@@ -317,6 +332,8 @@ class Channel:
         self.subscribers: set[Subscriber] = set()
         # Subscribers with a language of their own: the only reason to serialize twice.
         self._other_languages = 0
+        # Where events are also kept (Redis), so that a tab can resume after a relay restart.
+        self.backlog: Backlog | None = None
 
     def add(self, subscriber: Subscriber) -> None:
         self.subscribers.add(subscriber)
@@ -348,6 +365,13 @@ class Channel:
         localized = [False]
         payload = orjson.dumps(stamped, default=picker(self.language, localized)).decode()
         self._ring.append((self.seq, payload, stamped if localized[0] else None))
+        if self.backlog is not None:
+            variants = (
+                {lang: orjson.dumps(stamped, default=picker(lang)).decode() for lang in LANGUAGES}
+                if localized[0]
+                else None
+            )
+            self.backlog.keep(self.seq, payload, variants)
         key = coalesce_key(event)
         message, size = send_message(payload), len(payload)
         if localized[0] and self._other_languages:
@@ -382,6 +406,26 @@ class Channel:
             if subscriber.wants_comfy:
                 message, size = old if subscriber.legacy_previews else modern
                 subscriber.deliver(message, key, size)
+
+    async def replay(self, seq: int, lang: str | None = None) -> list[str] | None:
+        """Events after ``seq`` in ``lang``, from the ring, else from the backlog and the ring
+        (after a restart the ring starts empty); None when some of them are kept nowhere.
+
+        The ring is read last, after any wait, so the caller can join the live stream right
+        after, with no await in between, and miss nothing.
+        """
+        local = self.since(seq, lang)
+        if local is not None or self.backlog is None:
+            return local
+        kept = await self.backlog.since(seq)
+        if kept is None:
+            return None
+        last = kept[-1][0] if kept else seq
+        rest = self.since(last, lang)
+        if rest is None:
+            return None
+        want = lang or self.language
+        return [variants.get(want, payload) if variants else payload for _, payload, variants in kept] + rest
 
     def since(self, seq: int, lang: str | None = None) -> list[str] | None:
         """Events after ``seq`` still in the ring, in ``lang``; None when the ring lost some of them."""

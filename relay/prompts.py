@@ -160,6 +160,7 @@ async def _submit(
     session = state.sessions.get(client_id)
     session.registering += 1
     try:
+        await session.ready()
         await session.ensure_upstream()
         classes = {str(node.get("class_type")) for node in graph.values()}
         output_classes = await state.comfy.output_classes(classes)

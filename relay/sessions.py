@@ -21,10 +21,13 @@ from typing import Any
 from urllib.parse import urlencode
 
 import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from relay.comfy import ComfyClient
 from relay.config import RelayConfig
 from relay.errors import RelayError, UpstreamUnavailable
+from relay.eventlog import RedisBacklog, RedisLog
 from relay.events import Detached, Done, Event, Queued, Snapshot
 from relay.events import Upstream as UpstreamEvent
 from relay.fanout import Channel, Subscriber
@@ -66,6 +69,9 @@ class ClientSession:
         )
         self.observers = tuple(observers)
         self._learn = learn
+        # Where the channel's events are also kept (Redis), and whether it was read yet.
+        self.backlog: RedisBacklog | None = None
+        self._opened: asyncio.Task[None] | None = None
         self.upstream = Upstream(client_id, self, config)
         self.log = log.bind(client_id=client_id)
         # POSTs between registering a prompt and ComfyUI's answer keep the upstream open.
@@ -82,6 +88,27 @@ class ClientSession:
         self._queue_moved = asyncio.Event()
 
     # Lifecycle --------------------------------------------------------------------------
+
+    async def ready(self) -> None:
+        """Before the first event: take up the client's stream where Redis has it (its epoch and
+        last seq), so that numbering continues across relay restarts. Without Redis, nothing."""
+        if self.backlog is None:
+            return
+        if self._opened is None:
+            self._opened = asyncio.create_task(self._open(self.backlog), name=f"open-{self.client_id}")
+        await asyncio.shield(self._opened)
+
+    async def _open(self, backlog: RedisBacklog) -> None:
+        try:
+            epoch, last = await backlog.open()
+        except (RedisError, OSError) as exc:
+            # Redis is away: this stream starts afresh (a new epoch), and is written once Redis is back.
+            self.log.warning("could not read the client's stream from Redis", error=str(exc))
+        else:
+            if self.channel.seq == 0:
+                self.channel.epoch, self.channel.seq = epoch, last
+        backlog.epoch = self.channel.epoch
+        self.channel.backlog = backlog
 
     @property
     def needed(self) -> bool:
@@ -112,13 +139,15 @@ class ClientSession:
         self.channel.discard(subscriber)
 
     async def close(self) -> None:
-        """Stop watching detached prompts and close the upstream socket."""
+        """Stop watching detached prompts, close the upstream socket, write what Redis lacks."""
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
         await self.upstream.close()
+        if self.backlog is not None:
+            await self.backlog.close()
 
     # Routing ----------------------------------------------------------------------------
 
@@ -286,9 +315,11 @@ class Sessions:
         *,
         observers: Sequence[Observer] = (),
         learn: Callable[[StepTiming], None] | None = None,
+        redis: Redis | None = None,
     ) -> None:
         self.config = config
         self.comfy = comfy
+        self.redis = redis
         self.durations = durations
         self.metrics = metrics or Metrics()
         self.observers = tuple(observers)
@@ -308,6 +339,11 @@ class Sessions:
                 observers=self.observers,
                 learn=self.learn,
             )
+            if self.redis is not None:
+                stream = RedisLog(
+                    self.redis, client_id, ring_size=self.config.ring_size, ttl=self.config.redis_event_ttl
+                )
+                session.backlog = RedisBacklog(stream, limit=self.config.ring_size)
         return session
 
     def find(self, client_id: str) -> ClientSession | None:

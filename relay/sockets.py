@@ -113,6 +113,7 @@ async def _serve_socket(
     state: RelayState, websocket: WebSocket[Lifespan], client_id: str, params: SocketParams
 ) -> None:
     session = state.sessions.get(client_id)
+    await session.ready()
     subscriber = Subscriber(
         websocket,
         mode=params.mode,
@@ -121,7 +122,12 @@ async def _serve_socket(
         lang=params.lang,
     )
     session.upstream.start()
-    _greet(session, subscriber, params)
+    # The replay reads the ring last; from there to joining the channel nothing awaits, so the
+    # tab misses nothing and gets nothing twice.
+    replay = None
+    if params.since is not None and params.epoch in (None, session.channel.epoch):
+        replay = await session.channel.replay(params.since, params.lang)
+    _greet(session, subscriber, params, replay)
     # Greeting and replay were queued with no await since reading the ring: joining now
     # leaves neither a gap nor a duplicate between replayed and live events.
     session.add(subscriber)
@@ -138,12 +144,11 @@ async def _serve_socket(
         log.info("client disconnected", coalesced=subscriber.coalesced, dropped=subscriber.dropped)
 
 
-def _greet(session: ClientSession, subscriber: Subscriber, params: SocketParams) -> None:
+def _greet(
+    session: ClientSession, subscriber: Subscriber, params: SocketParams, replay: list[str] | None
+) -> None:
     channel = session.channel
     lang, since = subscriber.lang, params.since
-    replay = (
-        channel.since(since, lang) if since is not None and params.epoch in (None, channel.epoch) else None
-    )
     resumed = replay is not None
     if since is not None:
         session.metrics.resumes.labels("replayed" if resumed else "gap").inc()

@@ -13,6 +13,8 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TypedDict
 
+from redis.asyncio import Redis
+
 from relay.comfy import ComfyClient
 from relay.config import RelayConfig
 from relay.errors import ShuttingDown
@@ -40,6 +42,7 @@ class RelayState:
         comfy: ComfyClient,
         streams: StreamingClient,
         durations: Durations,
+        redis: Redis | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
@@ -48,6 +51,7 @@ class RelayState:
         self.streams = streams
         self.durations = durations
         self.eta = EtaKeeper(durations)
+        self.redis = redis
         self.sessions = Sessions(
             config,
             comfy,
@@ -55,6 +59,7 @@ class RelayState:
             metrics,
             observers=(MetricsObserver(metrics), StepLog(), self.eta),
             learn=self.eta.learned,
+            redis=redis,
         )
         self.readiness = Readiness(comfy, metrics, timeout=config.ready_timeout)
         # Browser sockets open now (RELAY_MAX_CONNECTIONS).
@@ -92,6 +97,7 @@ async def open_relay(config: RelayConfig, metrics: Metrics, workflows: Library) 
         comfy=comfy,
         streams=streams,
         durations=Durations(durations_file(config.eta_file)),
+        redis=_redis(config.redis_url) if config.redis_url else None,
     )
     metrics.watch(state.sessions.live_state)
     proxy = ProxyContext(
@@ -106,6 +112,15 @@ async def open_relay(config: RelayConfig, metrics: Metrics, workflows: Library) 
     finally:
         await state.close_clients()
         await state.sessions.close()
+        if state.redis is not None:
+            await state.redis.aclose()
         await comfy.aclose()
         await state.eta.close()
         await streams.aclose()
+
+
+def _redis(url: str) -> Redis:
+    """The Redis client: replies as text, and never a wait without end on a Redis that hangs."""
+    return Redis.from_url(
+        url, decode_responses=True, socket_timeout=5.0, socket_connect_timeout=3.0, health_check_interval=30
+    )
