@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import Any
 
 import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -15,6 +18,9 @@ from relay.metrics import CONTENT_TYPE
 from relay.state import Lifespan
 
 __all__ = ["get_preview", "healthz", "metrics", "readyz"]
+
+# How long /readyz waits for Redis to answer a ping.
+_REDIS_PING_TIMEOUT = 2.0
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -54,14 +60,29 @@ async def readyz(request: Request[Lifespan]) -> Response:
     comfyui = check.public()
     with contextlib.suppress(RelayError):  # which ComfyUI: asked once, then remembered
         comfyui.update((await state.comfy.capabilities()).public())
-    return _json(
-        {
-            "status": "ready",
-            "version": __version__,
-            "comfyui": comfyui,
-            "connections": state.connections,
-        }
-    )
+    body: dict[str, Any] = {
+        "status": "ready",
+        "version": __version__,
+        "comfyui": comfyui,
+        "connections": state.connections,
+    }
+    if state.redis is not None:
+        # Without Redis the relay still relays; only resuming across restarts waits for it.
+        # Ready, then, but saying so: taking every replica out of service would be worse.
+        redis = await _redis_check(state.redis)
+        body["redis"] = redis
+        if not redis["reachable"]:
+            body["degraded"] = ["redis_unreachable"]
+    return _json(body)
+
+
+async def _redis_check(redis: Redis) -> dict[str, Any]:
+    try:
+        async with asyncio.timeout(_REDIS_PING_TIMEOUT):
+            await redis.ping()
+    except (RedisError, OSError, TimeoutError) as exc:
+        return {"reachable": False, "problem": str(exc) or exc.__class__.__name__}
+    return {"reachable": True}
 
 
 async def metrics(request: Request[Lifespan]) -> Response:

@@ -99,3 +99,26 @@ async def test_redis_away_means_no_resume_but_a_working_relay(
         finally:
             await client.aclose()
         await back.close()
+
+
+async def test_readiness_says_when_redis_is_away(
+    emulator: RunningEmulator, redis_server: RedisServer
+) -> None:
+    """/readyz names Redis: reachable, then (Redis stopped) still ready, since the relay still
+    relays, but degraded with the reason; and reachable again once Redis is back."""
+    config = relay_config(emulator, redis_url=redis_server.url)
+    async with run_relay(config) as relay, httpx.AsyncClient(base_url=relay.url, timeout=30) as http:
+        ready = (await http.get("/readyz")).json()
+        assert (ready["status"], ready["redis"], "degraded" in ready) == ("ready", {"reachable": True}, False)
+        await redis_server.stop()
+        away = await http.get("/readyz")
+        assert away.status_code == 200
+        assert away.json()["degraded"] == ["redis_unreachable"]
+        assert away.json()["redis"]["reachable"] is False
+        tab = await open_tab(relay.ws_url, "clientId=steady")
+        assert (await tab.wait_done(await submit(http, "steady")))["status"] == "success"
+        await tab.close()
+        await redis_server.start()
+        back = (await http.get("/readyz")).json()
+        assert back["redis"] == {"reachable": True}
+        assert "degraded" not in back
