@@ -295,3 +295,18 @@ async def test_proxy_assets(
     assert (await relay_http.head(f"/api/assets/hash/blake3:{'0' * 64}")).status_code == 404
     assert (await relay_http.head("/api/assets/hash/md5:abc")).status_code == 400
     assert (await relay_http.delete(f"/api/assets/{asset['id']}")).status_code == 204
+
+
+async def test_preview_method_per_prompt(
+    relay: RunningRelay, relay_http: httpx.AsyncClient, comfyui_version: ComfyVersion
+) -> None:
+    """Current ComfyUI takes each prompt's preview method from its extra_data: "none" means no
+    previews for that run (progress still comes); 0.3.64 ignores it. The relay passes it on."""
+    tab = await open_tab(relay.ws_url, "clientId=quiet")
+    body = {"prompt": TEXT2IMG, "client_id": "quiet", "extra_data": {"preview_method": "none"}}
+    quiet = (await relay_http.post("/prompt", json=body)).json()["prompt_id"]
+    await tab.wait_done(quiet)
+    assert len(tab.of("relay.progress", quiet)) == 20
+    previews = tab.of("relay.preview", quiet)
+    assert (previews == []) is (comfyui_version == "current")
+    await tab.close()

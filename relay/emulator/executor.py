@@ -105,9 +105,13 @@ class Executor:
         hub: SocketHub,
         speed: float,
         reports_activity: bool = False,
+        preview_method_per_prompt: bool = False,
     ) -> None:
         # Current ComfyUI tells what a running node spends its time on; 0.3.64 does not.
         self.reports_activity = reports_activity
+        # Current ComfyUI takes the preview method of each prompt from its extra_data
+        # ("none": no previews for that run); 0.3.64 has only the server's own setting.
+        self.preview_method_per_prompt = preview_method_per_prompt
         self.catalogue = catalogue
         self.env = env
         self.cache = cache
@@ -196,6 +200,8 @@ class Executor:
         await self._send_progress_state(run)
         frame: bytes | None = None
         with_metadata = self.hub.supports_preview_metadata(run.client_id)
+        if self.preview_method_per_prompt and run.item.extra_data.get("preview_method") == "none":
+            preview = None
         if preview is not None:
             fmt, picture, max_size = preview
             image_format = ImageFormat.PNG if fmt == "PNG" else ImageFormat.JPEG

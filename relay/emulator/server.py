@@ -115,6 +115,7 @@ class EmulatorState:
             hub=self.hub,
             speed=config.speed,
             reports_activity=config.current,
+            preview_method_per_prompt=config.current,
         )
         # Uploads registered as assets (the current profile; 0.3.64 has no asset system).
         self.assets = AssetRegistry()
