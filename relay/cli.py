@@ -32,18 +32,23 @@ __all__ = ["main"]
 _EXAMPLE = Path(__file__).parent / "emulator" / "examples" / "text2img.json"
 
 
+def _comfyui_version_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--comfyui-version",
+        choices=("current", "0.3.64"),
+        default="current",
+        help="which ComfyUI the emulator behaves as: the current release or the recorded 0.3.64 "
+        "(default: %(default)s)",
+    )
+
+
 def _emulator_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = sub.add_parser(
         "emulator",
         help="run the built-in ComfyUI emulator",
         description="Serve an emulated ComfyUI (HTTP API and WebSocket) with simulated nodes.",
     )
-    parser.add_argument(
-        "--comfyui-version",
-        choices=("current", "0.3.64"),
-        default="current",
-        help="which ComfyUI to behave as: the current release or the recorded 0.3.64 (default: %(default)s)",
-    )
+    _comfyui_version_argument(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8188, help="port to listen on (default: %(default)s)")
     parser.add_argument(
@@ -176,12 +181,7 @@ def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--comfyui-port", type=int, default=8188, help="the emulator's port (default: %(default)s)"
     )
     parser.add_argument("--speed", type=float, default=1.0, metavar="FACTOR", help="emulator speed factor")
-    parser.add_argument(
-        "--comfyui-version",
-        choices=("current", "0.3.64"),
-        default="current",
-        help="which ComfyUI the emulator behaves as (default: %(default)s)",
-    )
+    _comfyui_version_argument(parser)
     parser.add_argument("--log-format", choices=("console", "json"), default="console")
 
 

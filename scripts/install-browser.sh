@@ -27,26 +27,9 @@ if all_installed && [ -z "${CI:-}" ] && [ -z "${BROWSER_UPGRADE:-}" ]; then
   echo "install-browser: $(browser_version) (BROWSER_UPGRADE=1 to update it)"
   exit 0
 fi
-if ! command -v apt-get >/dev/null 2>&1; then
-  echo "install-browser: no apt-get here; install Chromium yourself or the browser tests will skip" >&2
-  exit 0
-fi
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-  if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-    SUDO="sudo -n"
-  else
-    echo "install-browser: not root and no sudo; the browser tests will skip" >&2
-    exit 0
-  fi
-fi
-echo "install-browser: installing or updating ${PACKAGES[*]} from Debian's packages"
-# apt-get install also upgrades a package that is already there to the newest version listed.
-if $SUDO apt-get update -qq \
-  && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends \
-       "${PACKAGES[@]}" >/dev/null; then
+# shellcheck source=scripts/apt.sh
+source "$(dirname "$0")/apt.sh"
+if apt_install install-browser "the browser tests" "${PACKAGES[@]}"; then
   echo "install-browser: $(browser_version)"
-else
-  echo "install-browser: apt-get could not install chromium; the browser tests will skip" >&2
 fi
 exit 0
