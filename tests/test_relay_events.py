@@ -167,7 +167,11 @@ async def test_removed_from_the_queue_ends_cancelled(
 ) -> None:
     """Deleting pending prompts through the relay (by id, or clear) ends each with relay.done cancelled."""
     tab = await open_tab(relay.ws_url, "clientId=dora")
-    running = await submit(relay_http, load_trace("04").workflow(), "dora")
+    slow = load_trace("04").workflow()
+    slow["2"]["inputs"]["steps"] = (
+        500  # long enough to outlast the deletes on a busy machine; interrupted below
+    )
+    running = await submit(relay_http, slow, "dora")
     pending = [await submit(relay_http, TEXT2IMG, "dora", prompt_id=str(uuid.uuid4())) for _ in range(3)]
     await tab.wait_type("relay.progress", running)
     assert (await relay_http.post("/queue", json={"delete": [pending[0]]})).status_code == 200
