@@ -22,7 +22,7 @@ from relay.server import RunningRelay
 from tests.conftest import TEST_SPEED
 from tests.relay_client import open_tab
 from tests.test_operations import scrape, value
-from tests.tracekit import TRACES, load_trace
+from tests.tracekit import TRACES, long_graph
 
 TEXT2IMG = json.loads(resources.files("relay.emulator").joinpath("examples/text2img.json").read_text())
 PNG = (TRACES / "07-upload.probe_upload.png").read_bytes()
@@ -96,7 +96,7 @@ async def test_current_jobs_api(current: Any) -> None:
     _, http = current
     first = (await http.post("/prompt", json={"prompt": TEXT2IMG})).json()["prompt_id"]
     await wait_ended(http, first)
-    long_run = (await http.post("/prompt", json={"prompt": load_trace("04").workflow()})).json()["prompt_id"]
+    long_run = (await http.post("/prompt", json={"prompt": long_graph()})).json()["prompt_id"]
     waiting = (await http.post("/prompt", json={"prompt": TEXT2IMG})).json()["prompt_id"]
     listed = (await http.get("/api/jobs", params={"status": "pending,in_progress"})).json()
     assert {job["id"]: job["status"] for job in listed["jobs"]}[waiting] == "pending"
@@ -216,9 +216,7 @@ async def test_cancel_through_the_relay(
     running one, in ComfyUI's one atomic request where it has it; an ended one is not cancelled."""
     tab = await open_tab(relay.ws_url, "clientId=canceller")
     long_run = (
-        await relay_http.post(
-            "/prompt", json={"prompt": load_trace("04").workflow(), "client_id": "canceller"}
-        )
+        await relay_http.post("/prompt", json={"prompt": long_graph(), "client_id": "canceller"})
     ).json()["prompt_id"]
     waiting = (await relay_http.post("/prompt", json={"prompt": TEXT2IMG, "client_id": "canceller"})).json()[
         "prompt_id"

@@ -21,7 +21,7 @@ from relay.emulator import RunningEmulator
 from relay.protocol import BinaryEvent, decode_binary_frame
 from relay.server import RunningRelay
 from tests.relay_client import Tab, open_tab
-from tests.tracekit import load_trace
+from tests.tracekit import load_trace, long_graph
 
 TEXT2IMG = json.loads(resources.files("relay.emulator").joinpath("examples/text2img.json").read_text())
 # What ComfyUI runs, in order, for the text-to-image graph: loaders, encoders, sampler, decode, save.
@@ -151,7 +151,7 @@ async def test_error_and_interrupt(
     failed_step = [s for s in tab.of("relay.step", failing) if s["state"] == "error"]
     assert [(s["node"], s["name"]) for s in failed_step] == [("2", "Fail After")]
 
-    long_run = await submit(relay_http, load_trace("04").workflow(), "carol")
+    long_run = await submit(relay_http, long_graph(), "carol")
     await tab.wait_type("relay.progress", long_run)
     async with httpx.AsyncClient(base_url=emulator.url) as comfy:
         await comfy.post("/interrupt", json={"prompt_id": long_run})
@@ -167,11 +167,7 @@ async def test_removed_from_the_queue_ends_cancelled(
 ) -> None:
     """Deleting pending prompts through the relay (by id, or clear) ends each with relay.done cancelled."""
     tab = await open_tab(relay.ws_url, "clientId=dora")
-    slow = load_trace("04").workflow()
-    slow["2"]["inputs"]["steps"] = (
-        500  # long enough to outlast the deletes on a busy machine; interrupted below
-    )
-    running = await submit(relay_http, slow, "dora")
+    running = await submit(relay_http, long_graph(), "dora")
     pending = [await submit(relay_http, TEXT2IMG, "dora", prompt_id=str(uuid.uuid4())) for _ in range(3)]
     await tab.wait_type("relay.progress", running)
     assert (await relay_http.post("/queue", json={"delete": [pending[0]]})).status_code == 200

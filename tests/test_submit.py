@@ -29,7 +29,7 @@ from tests.conftest import relay_config
 from tests.netcut import forwarder
 from tests.relay_client import open_tab
 from tests.test_emulator_cli import free_port
-from tests.tracekit import load_trace
+from tests.tracekit import load_trace, long_graph
 
 WORKFLOWS = Path(__file__).parents[1] / "workflows"
 PORTRAIT = json.loads((WORKFLOWS / "portrait_mode.json").read_text())
@@ -414,8 +414,7 @@ async def test_cancel_command(relay: RunningRelay) -> None:
     is nothing left to cancel (exit 1) and refuses a malformed id (exit 2)."""
     tab = await open_tab(relay.ws_url, "clientId=quitter")
     async with httpx.AsyncClient(base_url=relay.url, timeout=30) as http:
-        slow = load_trace("04").workflow()
-        running = (await http.post("/prompt", json={"prompt": slow, "client_id": "quitter"})).json()[
+        running = (await http.post("/prompt", json={"prompt": long_graph(), "client_id": "quitter"})).json()[
             "prompt_id"
         ]
         graph = load_trace("01").workflow()

@@ -30,6 +30,7 @@ __all__ = [
     "binary_facts",
     "fold_progress",
     "load_trace",
+    "long_graph",
     "normalize",
     "shape",
     "split_status",
@@ -213,6 +214,14 @@ class Trace:
 
     def binframe(self, n: int) -> bytes:
         return (TRACES / f"{self.name}.binframe{n}.bin").read_bytes()
+
+
+def long_graph() -> dict[str, Any]:
+    """The interrupt trace's graph with a sampler of 500 steps: a prompt that is still running
+    when a test, on however busy a machine, gets round to interrupting it."""
+    graph: dict[str, Any] = load_trace("04").workflow()
+    graph["2"]["inputs"]["steps"] = 500
+    return graph
 
 
 def load_trace(prefix: str) -> Trace:
