@@ -254,10 +254,10 @@ def _rss_bytes(pid: int) -> int:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
 
 
-async def _connect(url: str, n: int, *, relay: bool) -> list[Client]:
+async def _connect(url: str, n: int, *, relay: bool, client: str = CLIENT) -> list[Client]:
     clients: list[Client] = []
     for i in range(n):
-        query = f"clientId={CLIENT}" if relay else f"clientId=direct-{i}"
+        query = f"clientId={client}" if relay else f"clientId=direct-{i}"
         connection = await websockets.connect(
             f"{url}?{query}", max_size=None, compression=None, open_timeout=30
         )

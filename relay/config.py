@@ -60,6 +60,12 @@ class RelayConfig:
     redis_url: str = ""
     # How long a client's stream in Redis outlives its last event, seconds.
     redis_event_ttl: float = 3600.0
+    # With Redis, one relay holds each client's ComfyUI socket under a lease of this many
+    # seconds, renewed a few times per period; another takes over within about this long.
+    lease_ttl: float = 5.0
+    # Where the other relays reach this one (for requests about clients it holds); '' for
+    # http://<this host's address>:<port>.
+    advertise_url: str = ""
     # Frames a subscriber may have queued before progress coalesces and, at worst, it is closed.
     subscriber_queue: int = 512
     max_prompt_bytes: int = 16 * 1024 * 1024
@@ -130,6 +136,10 @@ class RelayConfig:
             raise ConfigError("RELAY_REDIS_URL must be a redis://, rediss:// or unix:// URL")
         if self.redis_event_ttl <= 0:
             raise ConfigError("redis_event_ttl must be positive")
+        if not 0.2 <= self.lease_ttl <= 300:
+            raise ConfigError("lease_ttl must be between 0.2 and 300 seconds")
+        if self.advertise_url and not re.fullmatch(r"https?://[^/?#\s]+", self.advertise_url):
+            raise ConfigError("RELAY_ADVERTISE_URL must be scheme://host[:port], no path")
         if self.ready_timeout <= 0 or self.shutdown_grace < 0:
             raise ConfigError("ready_timeout must be positive and shutdown_grace not negative")
 
@@ -190,8 +200,10 @@ DESCRIPTIONS: dict[str, str] = {
     "http_read_timeout": "read timeout for HTTP requests to ComfyUI, seconds",
     "http_max_connections": "most HTTP connections to ComfyUI at once",
     "ring_size": "events kept per client for resuming with ?since=",
-    "redis_url": "Redis for shared state: clients' event streams survive a relay restart ('': memory only)",
+    "redis_url": "Redis for shared state: several replicas, resumes across restarts ('': memory only)",
     "redis_event_ttl": "seconds a client's event stream stays in Redis after its last event",
+    "lease_ttl": "seconds a relay holds a client's ComfyUI socket without renewing (with Redis)",
+    "advertise_url": "where the other relays reach this one ('': http://<host address>:<port>)",
     "subscriber_queue": "frames a tab may have waiting before it counts as too slow",
     "max_prompt_bytes": "largest POST /prompt body, bytes",
     "max_upload_bytes": "largest upload (/upload/image, /upload/mask), bytes",
@@ -231,6 +243,8 @@ ENV_NAMES: dict[str, str] = {
     "ring_size": "RELAY_RING_SIZE",
     "redis_url": "RELAY_REDIS_URL",
     "redis_event_ttl": "RELAY_REDIS_EVENT_TTL",
+    "lease_ttl": "RELAY_LEASE_TTL",
+    "advertise_url": "RELAY_ADVERTISE_URL",
     "subscriber_queue": "RELAY_SUBSCRIBER_QUEUE",
     "max_prompt_bytes": "RELAY_MAX_PROMPT_BYTES",
     "max_upload_bytes": "RELAY_MAX_UPLOAD_BYTES",

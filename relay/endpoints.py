@@ -13,7 +13,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from relay import __version__
-from relay.errors import NotFound, RelayError
+from relay.cluster import FORWARDED
+from relay.errors import NotFound, RelayError, UpstreamUnavailable
 from relay.metrics import CONTENT_TYPE
 from relay.state import Lifespan
 
@@ -29,8 +30,16 @@ def _json(data: Any, status: int = 200) -> Response:
 
 async def get_preview(request: Request[Lifespan]) -> Response:
     params = request.path_params
-    session = request.state["relay"].sessions.find(params["client_id"])
+    sessions = request.state["relay"].sessions
+    session = sessions.find(params["client_id"])
     preview = session.previews.get(params["prompt_id"], params["node"]) if session is not None else None
+    if preview is None and sessions.cluster is not None and (session is None or not session.owned):
+        # Previews are kept by the relay holding the client.
+        with contextlib.suppress(UpstreamUnavailable):
+            if not request.headers.get(FORWARDED):
+                return await sessions.cluster.pass_on(
+                    request, params["client_id"], path=request.url.path, body=None
+                )
     if preview is None:
         raise NotFound("no such preview (it may have been replaced)")
     return Response(preview.data, media_type=preview.mime, headers={"Cache-Control": "no-store"})
@@ -73,6 +82,10 @@ async def readyz(request: Request[Lifespan]) -> Response:
         body["redis"] = redis
         if not redis["reachable"]:
             body["degraded"] = ["redis_unreachable"]
+    cluster = state.sessions.cluster
+    if cluster is not None:
+        live = state.sessions.live_state()
+        body["replica"] = {"id": cluster.replica, "url": cluster.url, "clients": live.roles}
     return _json(body)
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "CLOSE_BAD_REQUEST",
     "CLOSE_FORBIDDEN",
     "CLOSE_GOING_AWAY",
+    "CLOSE_RESET",
     "CLOSE_TOO_MANY",
     "CLOSE_TOO_SLOW",
     "CLOSE_UNAUTHORIZED",
@@ -46,6 +47,7 @@ __all__ = [
     "PayloadTooLarge",
     "RelayError",
     "ShuttingDown",
+    "StreamReset",
     "TooManyConnections",
     "TooManyRequests",
     "TooSlow",
@@ -63,6 +65,7 @@ log = structlog.get_logger("relay.errors")
 # WebSocket close codes the relay uses (documented in docs/events.md).
 CLOSE_GOING_AWAY = 1001  # the relay is shutting down
 CLOSE_POLICY = 1008  # a generic refusal, for errors that have no code of their own
+CLOSE_RESET = 1012  # the client's event stream was cut (Redis lost events); reconnect with ?since=
 CLOSE_TOO_SLOW = 1013  # the client fell too far behind; reconnect with ?since=
 CLOSE_BAD_REQUEST = 4400  # bad query parameters (clientId, events, since)
 CLOSE_UNAUTHORIZED = 4401  # no valid token (RELAY_TOKEN)
@@ -133,6 +136,12 @@ class TooSlow(RelayError):
     status = 503
     close_code = CLOSE_TOO_SLOW
     kind = "too_slow"
+
+
+class StreamReset(RelayError):
+    status = 503
+    close_code = CLOSE_RESET
+    kind = "stream_reset"
 
 
 class ShuttingDown(RelayError):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,8 @@ _VERSION = 1
 # Pipelines remembered; past this the one updated longest ago is forgotten (ad-hoc graphs
 # each get a key of their own, and the file must not grow without end).
 _MAX_PIPELINES = 256
+# Between pipeline and node in the entries shared through Redis.
+_SEP = "\x1f"
 
 
 def default_file() -> Path:
@@ -60,6 +62,8 @@ class Durations:
         self.path = path
         self._steps: dict[str, dict[str, StepTime]] = {}
         self._dirty = False
+        # Steps learned here since they were last shared with the other relays (Redis).
+        self._changed: set[tuple[str, str]] = set()
         if path is not None:
             self._load(path)
 
@@ -104,6 +108,53 @@ class Durations:
                 )
             known.runs += 1
         self._dirty = True
+        self._changed.add((key, node))
+
+    def take_changed(self) -> dict[str, str]:
+        """The steps learned since the last call, as shared entries (``pipeline<US>node`` ->
+        JSON), for the other relays."""
+        changed, self._changed = self._changed, set()
+        entries = {}
+        for key, node in changed:
+            known = self.step(key, node)
+            if known is not None:
+                entries[f"{key}{_SEP}{node}"] = orjson.dumps(
+                    {
+                        "seconds": round(known.seconds, 4),
+                        "per_iteration": known.per_iteration,
+                        "runs": known.runs,
+                    }
+                ).decode()
+        return entries
+
+    def record_changed(self, key: str, node: str) -> None:
+        """Share this step again next time (sharing it failed)."""
+        self._changed.add((key, node))
+
+    def merge(self, entries: Mapping[str, str], *, skip: Iterable[str] = ()) -> int:
+        """Take what the other relays learned (shared entries); ``skip`` the ones just shared
+        from here. Returns how many steps changed."""
+        skipped = set(skip)
+        merged = 0
+        for field_name, text in entries.items():
+            key, sep, node = field_name.partition(_SEP)
+            if not sep or field_name in skipped or (key, node) in self._changed:
+                continue
+            with contextlib.suppress(orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                entry = orjson.loads(text)
+                per = entry.get("per_iteration")
+                shared = StepTime(
+                    float(entry["seconds"]), float(per) if per is not None else None, int(entry["runs"])
+                )
+                nodes = self._steps.setdefault(key, {})
+                if nodes.get(node) != shared:
+                    nodes[node] = shared
+                    merged += 1
+        while len(self._steps) > _MAX_PIPELINES:
+            del self._steps[next(iter(self._steps))]
+        if merged:
+            self._dirty = True
+        return merged
 
     def step(self, key: str, node: str) -> StepTime | None:
         return self._steps.get(key, {}).get(node)

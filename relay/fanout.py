@@ -29,7 +29,7 @@ from relay.errors import TooSlow
 from relay.events import Event, envelope
 from relay.i18n import LANGUAGES, picker
 
-__all__ = ["Backlog", "Channel", "Mode", "Outgoing", "Subscriber", "coalesce_key", "send_message"]
+__all__ = ["Backlog", "Channel", "Entry", "Mode", "Outgoing", "Subscriber", "coalesce_key", "send_message"]
 
 log = structlog.get_logger("relay.fanout")
 
@@ -291,18 +291,65 @@ class Subscriber:
                 task.cancel()
 
 
-# An event as kept for resuming: seq, payload in the channel's language, and the payload in
-# every language when the event has texts that differ by language.
-Kept = tuple[int, str, Mapping[str, str] | None]
+class Entry:
+    """A sequenced event as tabs get it: its payload in the channel's language and, when it has
+    texts that differ by language, the means to write it in another (the envelope, on the relay
+    that made it; the payload per language, when read back from Redis)."""
+
+    __slots__ = ("key", "payload", "seq", "stamped", "variants")
+
+    def __init__(
+        self,
+        seq: int,
+        payload: str,
+        key: Key | None = None,
+        *,
+        stamped: dict[str, Any] | None = None,
+        variants: Mapping[str, str] | None = None,
+    ) -> None:
+        self.seq = seq
+        self.payload = payload
+        self.key = key
+        self.stamped = stamped
+        self.variants = variants
+
+    @property
+    def localized(self) -> bool:
+        return self.stamped is not None or self.variants is not None
+
+    def text(self, lang: str | None, language: str) -> str:
+        """The payload in ``lang`` (None: the channel's ``language``)."""
+        if lang is None or lang == language or not self.localized:
+            return self.payload
+        if self.variants is not None:
+            return self.variants.get(lang, self.payload)
+        return orjson.dumps(self.stamped, default=picker(lang)).decode()
+
+    def all_languages(self) -> dict[str, str] | None:
+        """The payload in every language, when it differs by language (what Redis keeps)."""
+        if self.variants is not None:
+            return dict(self.variants)
+        if self.stamped is None:
+            return None
+        return {lang: orjson.dumps(self.stamped, default=picker(lang)).decode() for lang in LANGUAGES}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Entry) and (other.seq, other.payload) == (self.seq, self.payload)
+
+    def __hash__(self) -> int:
+        return hash((self.seq, self.payload))
+
+    def __repr__(self) -> str:
+        return f"Entry({self.seq}, {self.payload[:60]!r})"
 
 
 class Backlog(Protocol):
-    """Where a channel's events are also kept, beyond its ring and this process (relay.eventlog)."""
+    """Where a channel's events are kept beyond its ring and this process (relay.eventlog)."""
 
-    def keep(self, seq: int, payload: str, variants: Mapping[str, str] | None) -> None:
-        """Keep an event; must not wait."""
+    def keep(self, entry: Entry) -> None:
+        """Keep an event, then hand it to :meth:`Channel.deliver`; must not wait."""
 
-    async def since(self, seq: int) -> list[Kept] | None:
+    async def since(self, seq: int) -> list[Entry] | None:
         """The events after ``seq``; None when some of them are not kept."""
 
 
@@ -311,6 +358,11 @@ class Channel:
 
     Events are serialized in the channel's ``language``; an event holding :class:`Localized`
     texts is serialized again for each other language its subscribers asked for.
+
+    An event gets its ``seq`` when published and reaches tabs when delivered. Without a
+    backlog that is at once. With one (Redis), delivery waits until the backlog has kept the
+    event, so no tab ever holds an event that a relay taking over could not find. A channel
+    whose events another relay makes is fed with :meth:`deliver` alone.
     """
 
     def __init__(
@@ -323,17 +375,23 @@ class Channel:
     ) -> None:
         self.client_id = client_id
         self.language = language
+        # The last seq delivered to tabs (what a tab joining now is at), and the last assigned.
         self.seq = 0
+        self.assigned = 0
         # Identifies this stream: a relay restart starts a new one, whose seq restart at 1.
         self.epoch = secrets.token_hex(4)
-        # (seq, payload in the channel's language, the envelope when it has texts to localize)
-        self._ring: deque[tuple[int, str, dict[str, Any] | None]] = deque(maxlen=ring_size)
+        self._ring: deque[Entry] = deque(maxlen=ring_size)
         self._clock = clock
         self.subscribers: set[Subscriber] = set()
         # Subscribers with a language of their own: the only reason to serialize twice.
         self._other_languages = 0
         # Where events are also kept (Redis), so that a tab can resume after a relay restart.
         self.backlog: Backlog | None = None
+
+    def restart_at(self, epoch: str, seq: int) -> None:
+        """Continue the stream ``epoch`` after ``seq`` (what Redis holds); the ring starts over."""
+        self.epoch, self.seq, self.assigned = epoch, seq, seq
+        self._ring.clear()
 
     def add(self, subscriber: Subscriber) -> None:
         self.subscribers.add(subscriber)
@@ -359,38 +417,44 @@ class Channel:
         return orjson.dumps(stamped, default=picker(lang or self.language)).decode()
 
     def publish(self, event: Event) -> None:
-        """Sequence, serialize once, remember for resuming, offer to every relay subscriber."""
-        self.seq += 1
-        stamped = self._envelope(event, self.seq)
+        """Sequence, serialize once, and deliver (or hand to the backlog, which delivers)."""
+        self.assigned += 1
+        stamped = self._envelope(event, self.assigned)
         localized = [False]
         payload = orjson.dumps(stamped, default=picker(self.language, localized)).decode()
-        self._ring.append((self.seq, payload, stamped if localized[0] else None))
+        entry = Entry(self.assigned, payload, coalesce_key(event), stamped=stamped if localized[0] else None)
         if self.backlog is not None:
-            variants = (
-                {lang: orjson.dumps(stamped, default=picker(lang)).decode() for lang in LANGUAGES}
-                if localized[0]
-                else None
-            )
-            self.backlog.keep(self.seq, payload, variants)
-        key = coalesce_key(event)
+            self.backlog.keep(entry)
+        else:
+            self.deliver(entry)
+
+    def deliver(self, entry: Entry) -> None:
+        """Remember an event for resuming and offer it to every relay subscriber. Entries come in
+        order; one this channel already delivered is ignored."""
+        if entry.seq <= self.seq:
+            return
+        self.seq = entry.seq
+        self.assigned = max(self.assigned, entry.seq)
+        self._ring.append(entry)
+        key, payload = entry.key, entry.payload
         message, size = send_message(payload), len(payload)
-        if localized[0] and self._other_languages:
-            self._publish_localized(stamped, key, (message, size))
+        if entry.localized and self._other_languages:
+            self._deliver_localized(entry, (message, size))
             return
         for subscriber in self.subscribers:
             if subscriber.wants_relay:
                 subscriber.deliver(message, key, size)
 
-    def _publish_localized(self, stamped: dict[str, Any], key: Key | None, own: tuple[Message, int]) -> None:
+    def _deliver_localized(self, entry: Entry, own: tuple[Message, int]) -> None:
         variants: dict[str | None, tuple[Message, int]] = {None: own, self.language: own}
         for subscriber in self.subscribers:
             if not subscriber.wants_relay:
                 continue
             variant = variants.get(subscriber.lang)
             if variant is None:
-                text = orjson.dumps(stamped, default=picker(subscriber.lang)).decode()
+                text = entry.text(subscriber.lang, self.language)
                 variant = variants[subscriber.lang] = (send_message(text), len(text))
-            subscriber.deliver(variant[0], key, variant[1])
+            subscriber.deliver(variant[0], entry.key, variant[1])
 
     def publish_raw(
         self, payload: str | bytes, *, key: Key | None = None, legacy: bytes | None = None
@@ -420,12 +484,12 @@ class Channel:
         kept = await self.backlog.since(seq)
         if kept is None:
             return None
-        last = kept[-1][0] if kept else seq
+        kept = [entry for entry in kept if entry.seq <= self.seq]  # not yet delivered: comes live
+        last = kept[-1].seq if kept else seq
         rest = self.since(last, lang)
         if rest is None:
             return None
-        want = lang or self.language
-        return [variants.get(want, payload) if variants else payload for _, payload, variants in kept] + rest
+        return [entry.text(lang, self.language) for entry in kept] + rest
 
     def since(self, seq: int, lang: str | None = None) -> list[str] | None:
         """Events after ``seq`` still in the ring, in ``lang``; None when the ring lost some of them."""
@@ -433,12 +497,6 @@ class Channel:
             return None
         if seq == self.seq:
             return []
-        if not self._ring or self._ring[0][0] > seq + 1:
+        if not self._ring or self._ring[0].seq > seq + 1:
             return None
-        foreign = lang is not None and lang != self.language
-        write = picker(lang)
-        return [
-            orjson.dumps(stamped, default=write).decode() if foreign and stamped is not None else payload
-            for number, payload, stamped in self._ring
-            if number > seq
-        ]
+        return [entry.text(lang, self.language) for entry in self._ring if entry.seq > seq]

@@ -19,10 +19,14 @@ from redis.asyncio import Redis
 
 __all__ = ["Lease"]
 
-# Extend the lease only if it is still ours.
+# Extend the lease if it is still ours; take it back if nobody has it (Redis lost it).
 _RENEW = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
+local held = redis.call('get', KEYS[1])
+if held == ARGV[1] then
   return redis.call('pexpire', KEYS[1], ARGV[2])
+elseif not held then
+  redis.call('set', KEYS[1], ARGV[1], 'px', ARGV[2])
+  return 1
 end
 return 0
 """
@@ -61,8 +65,18 @@ class Lease:
         self.token, self.fence = token, fence
         return fence
 
+    def assume(self) -> str:
+        """Act as the holder without Redis' word (Redis cannot be reached): the next renewal takes
+        the lease if nobody has it, or shows that another relay does. Returns the token."""
+        self.token, self.fence = f"{self.holder}:0", 0
+        return self.token
+
     async def renew(self) -> bool:
-        """Extend the lease for another ``ttl``; False when it is no longer ours."""
+        """Extend the lease for another ``ttl``; False when another holds it now.
+
+        A lease nobody holds (it ran out, or a restarted Redis lost it) is taken back: its
+        holder was still acting on it, and nobody else has.
+        """
         if self.token is None:
             return False
         held = bool(await self._renew(keys=[self._key], args=[self.token, self.ttl_ms]))

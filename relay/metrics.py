@@ -45,6 +45,8 @@ class LiveState:
     connections: dict[str, int] = field(default_factory=lambda: {"relay": 0, "comfy": 0, "all": 0})
     upstreams: dict[str, int] = field(default_factory=lambda: {"connecting": 0, "connected": 0, "down": 0})
     prompts: dict[str, int] = field(default_factory=lambda: {"queued": 0, "running": 0})
+    # With Redis: clients this relay holds (its ComfyUI socket, its events), or follows.
+    roles: dict[str, int] = field(default_factory=lambda: {"owner": 0, "follower": 0})
     clients: int = 0
     queued_frames: int = 0
     deepest_queue: int = 0
@@ -133,6 +135,11 @@ class Metrics:
             "Upstream ComfyUI sockets lost or failed to open",
             registry=registry,
         )
+        self.takeovers = Counter(
+            "relay_cluster_takeovers_total",
+            "Clients this relay took over with prompts in flight that another relay had followed",
+            registry=registry,
+        )
         self.detached = Counter(
             "relay_prompts_detached_total",
             "Prompts no longer followed live after their ComfyUI socket was lost uncleanly "
@@ -200,6 +207,14 @@ class _LiveCollector:
             upstreams.add_metric([state], count)
         for phase, count in live.prompts.items():
             prompts.add_metric([phase], count)
+        roles = GaugeMetricFamily(
+            "relay_cluster_clients",
+            "With Redis: clients this relay holds (owner) or serves from another's stream (follower)",
+            labels=["role"],
+        )
+        for role, count in live.roles.items():
+            roles.add_metric([role], count)
+        yield roles
         yield connections
         yield upstreams
         yield prompts

@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from relay.eta import Durations
 from relay.events import Detached, Done, Event, Queued, Started, Step, Upstream
 from relay.metrics import Metrics, workflow_label
 from relay.translator import StepTiming
 
-__all__ = ["EtaKeeper", "MetricsObserver", "Observer", "StepLog"]
+__all__ = ["DURATIONS_KEY", "EtaKeeper", "MetricsObserver", "Observer", "StepLog"]
 
 log = structlog.get_logger("relay.session")
+
+# The step durations every relay learned (pipeline<US>node -> JSON), with Redis.
+DURATIONS_KEY = "relay:durations"
 
 
 class Observer(Protocol):
@@ -106,17 +111,39 @@ class EtaKeeper:
     finished prompts costs one or two writes, none of them on the event loop.
     """
 
-    def __init__(self, durations: Durations) -> None:
+    def __init__(self, durations: Durations, redis: Redis | None = None) -> None:
         self.durations = durations
+        # With several relays, what each learns is shared in Redis (one hash of every step).
+        self.redis = redis
         self._wanted = False
         self._saver: asyncio.Task[None] | None = None
         self.saves = 0  # files written (for tests and the curious)
+
+    async def share(self) -> None:
+        """Send what was learned here to Redis and take what the other relays learned."""
+        if self.redis is None:
+            return
+        changed = self.durations.take_changed()
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            if changed:
+                fields: dict[Any, Any] = dict(changed)
+                pipe.hset(DURATIONS_KEY, mapping=fields)
+            pipe.hgetall(DURATIONS_KEY)
+            shared = (await pipe.execute())[-1]
+        except (RedisError, OSError) as exc:
+            log.warning("step durations not shared through Redis", error=str(exc))
+            for entry in changed:  # shared at the next chance
+                key, _, node = entry.partition("\x1f")
+                self.durations.record_changed(key, node)
+            return
+        self.durations.merge(shared, skip=changed)
 
     def learned(self, timing: StepTiming) -> None:
         self.durations.record(timing.timing_key, timing.node, timing.seconds, timing.iterations)
 
     def published(self, client_id: str, event: Event) -> None:
-        if isinstance(event, Done) and self.durations.path is not None:
+        if isinstance(event, Done) and (self.durations.path is not None or self.redis is not None):
             self._wanted = True
             if self._saver is None or self._saver.done():
                 self._saver = asyncio.create_task(self._save_while_wanted(), name="relay-eta-save")
@@ -124,6 +151,7 @@ class EtaKeeper:
     async def _save_while_wanted(self) -> None:
         while self._wanted:
             self._wanted = False
+            await self.share()
             data = self.durations.export()  # copied here, on the loop, where learning happens
             if data is not None and await asyncio.to_thread(self.durations.write, data):
                 self.saves += 1

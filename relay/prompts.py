@@ -161,6 +161,13 @@ async def _submit(
     session.registering += 1
     try:
         await session.ready()
+        cluster = state.sessions.cluster
+        if cluster is not None and not session.owned:
+            # Another relay holds this client's socket to ComfyUI: it submits.
+            whole = orjson.dumps({**body, "client_id": client_id, "prompt_id": prompt_id})
+            forwarded = await cluster.forward(request, session, path="/prompt", body=whole)
+            if forwarded is not None:
+                return forwarded
         await session.ensure_upstream()
         classes = {str(node.get("class_type")) for node in graph.values()}
         output_classes = await state.comfy.output_classes(classes)

@@ -17,32 +17,44 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlencode
 
+import orjson
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from relay.comfy import ComfyClient
 from relay.config import RelayConfig
-from relay.errors import RelayError, UpstreamUnavailable
-from relay.eventlog import RedisBacklog, RedisLog
+from relay.errors import RelayError, StreamReset, UpstreamUnavailable
+from relay.eventlog import Notice, RedisBacklog, RedisLog
 from relay.events import Detached, Done, Event, Queued, Snapshot
 from relay.events import Upstream as UpstreamEvent
 from relay.fanout import Channel, Subscriber
+from relay.lease import Lease
 from relay.metrics import LiveState, Metrics
 from relay.observers import Observer
 from relay.previews import PreviewStore
 from relay.translator import Estimates, StepTiming, Translation, Translator
 from relay.upstream import State, Upstream
 
-__all__ = ["ClientSession", "Sessions", "live_state"]
+if TYPE_CHECKING:
+    from relay.cluster import Cluster
+
+__all__ = ["ClientSession", "Role", "Sessions", "live_state"]
+
+# local: no Redis, this relay is the only one; owner: this relay holds the client's lease;
+# follower: another relay does, and this one serves its tabs from the client's stream.
+Role = Literal["local", "owner", "follower"]
 
 log = structlog.get_logger("relay.session")
 
 # How long a session with nothing open and nothing running is kept for resuming.
 SESSION_TTL = 600.0
+# Longest a client's session may take to close at shutdown (its socket's closing handshake,
+# events still to write, the handover), within Kubernetes' grace period.
+_CLOSE_LIMIT = 12.0
 
 
 class ClientSession:
@@ -69,9 +81,23 @@ class ClientSession:
         )
         self.observers = tuple(observers)
         self._learn = learn
-        # Where the channel's events are also kept (Redis), and whether it was read yet.
+        # With Redis: the relays' shared state, this client's keys, its lease, this relay's role.
+        self.cluster: Cluster | None = None
+        self.redis_log: RedisLog | None = None
+        self.lease: Lease | None = None
+        self.role: Role = "local"
+        # Where the channel's events are kept (Redis) while this relay writes them.
         self.backlog: RedisBacklog | None = None
         self._opened: asyncio.Task[None] | None = None
+        self._role_lock = asyncio.Lock()
+        # Following another relay: the task reading the stream, woken by notices.
+        self._feed: asyncio.Task[None] | None = None
+        self._feed_wake = asyncio.Event()
+        self._feed_reset = False
+        # Prompts taken over from another relay, to reconcile once the socket is open.
+        self._adopted = False
+        # Whether another relay has tabs of this client that want ComfyUI's frames.
+        self.raw_elsewhere = False
         self.upstream = Upstream(client_id, self, config)
         self.log = log.bind(client_id=client_id)
         # POSTs between registering a prompt and ComfyUI's answer keep the upstream open.
@@ -86,29 +112,310 @@ class ClientSession:
         # Unknown message types already logged (once each).
         self._unknown_seen: set[str] = set()
         self._queue_moved = asyncio.Event()
+        # A queue change while prompts wait: one may have been deleted (checked in the background).
+        self._queue_check: asyncio.Task[None] | None = None
+        self._durations = durations
+        self._closing: set[asyncio.Task[Any]] = set()
 
     # Lifecycle --------------------------------------------------------------------------
 
+    def join(self, cluster: Cluster, redis_log: RedisLog, lease: Lease) -> None:
+        """Share this client with other relays through Redis (before the first :meth:`ready`)."""
+        self.cluster, self.redis_log, self.lease = cluster, redis_log, lease
+        self.role = "follower"  # until the lease says otherwise
+
+    def _shared(self) -> tuple[Cluster, RedisLog, Lease]:
+        """What :meth:`join` set (only called on a session that joined)."""
+        assert self.cluster is not None
+        assert self.redis_log is not None
+        assert self.lease is not None
+        return self.cluster, self.redis_log, self.lease
+
+    @property
+    def owned(self) -> bool:
+        """Whether this relay speaks for the client: holds its ComfyUI socket and writes its events."""
+        return self.role != "follower"
+
     async def ready(self) -> None:
-        """Before the first event: take up the client's stream where Redis has it (its epoch and
-        last seq), so that numbering continues across relay restarts. Without Redis, nothing."""
-        if self.backlog is None:
+        """Before the first event: with Redis, find out whether this relay holds the client (and
+        take it if nobody does), and take up the client's stream where Redis has it (its epoch
+        and last seq), so that numbering continues across relays and restarts."""
+        if self.cluster is None:
             return
         if self._opened is None:
-            self._opened = asyncio.create_task(self._open(self.backlog), name=f"open-{self.client_id}")
+            self._opened = asyncio.create_task(self._open(), name=f"open-{self.client_id}")
         await asyncio.shield(self._opened)
+        if self.role == "follower":
+            await self._try_take()
 
-    async def _open(self, backlog: RedisBacklog) -> None:
+    async def _open(self) -> None:
+        cluster, _, lease = self._shared()
+        async with self._role_lock:
+            try:
+                fence = await lease.acquire()
+            except (RedisError, OSError) as exc:
+                # Redis is away: serve the client from here, with a new epoch, and write its
+                # events once Redis is back (or give way, if another relay holds it by then).
+                cluster.failed()
+                self.log.warning("could not reach Redis for the client's lease; serving it here",
+                                 error=str(exc))  # fmt: skip
+                lease.assume()
+                await self._become_owner(reachable=False)
+                return
+            if fence is not None:
+                await self._become_owner()
+            else:
+                await self._become_follower()
+
+    async def _try_take(self) -> None:
+        """A follower takes the client's lease if nobody holds it."""
+        cluster, _, lease = self._shared()
+        if cluster.polite():
+            return
+        async with self._role_lock:
+            if self.role != "follower":
+                return
+            try:
+                fence = await lease.acquire()
+            except (RedisError, OSError):
+                cluster.failed()
+                return
+            if fence is not None:
+                await self._become_owner()
+
+    async def tend(self, *, want: bool = False) -> None:
+        """The cluster's tick: renew the lease while holding the client; take a free one when the
+        client is wanted here (tabs, or ``want``: prompts in flight nobody follows)."""
+        if self.role == "owner":
+            cluster, _, lease = self._shared()
+            try:
+                held = await lease.renew()
+                self.raw_elsewhere = held and await cluster.raw_wanted(self.client_id)
+            except (RedisError, OSError):
+                cluster.failed()
+                return
+            if not held:
+                await self._step_down("another relay holds this client now")
+            return
+        if self.role == "follower" and (self.needed or want):
+            await self._try_take()
+        await self.ask_for_raw()
+
+    async def ask_for_raw(self) -> None:
+        """On a relay following the client, with tabs that want ComfyUI's frames: ask for them."""
+        if self.role != "follower" or not any(s.wants_comfy for s in self.channel.subscribers):
+            return
+        cluster, _, _ = self._shared()
         try:
-            epoch, last = await backlog.open()
-        except (RedisError, OSError) as exc:
-            # Redis is away: this stream starts afresh (a new epoch), and is written once Redis is back.
-            self.log.warning("could not read the client's stream from Redis", error=str(exc))
-        else:
-            if self.channel.seq == 0:
-                self.channel.epoch, self.channel.seq = epoch, last
+            await cluster.want_raw(self.client_id)
+        except (RedisError, OSError):
+            cluster.failed()
+
+    async def lease_current(self) -> tuple[str, int] | None:
+        return None if self.lease is None else await self.lease.current()
+
+    async def _become_owner(self, *, reachable: bool = True) -> None:
+        cluster, redis_log, lease = self._shared()
+        backlog = RedisBacklog(
+            redis_log,
+            limit=self.config.ring_size,
+            deliver=self.channel.deliver,
+            token=lambda: lease.token or lease.assume(),
+            lost_lease=self._lost_lease,
+            in_flight=cluster.mark_in_flight,
+        )
+        records: dict[str, str] = {}
+        handoff = None
+        if reachable:
+            try:
+                epoch, last = await redis_log.open()
+                records = await redis_log.records()
+                handoff = await redis_log.take_handoff()
+                await self._catch_up(epoch, last)
+            except (RedisError, OSError) as exc:
+                cluster.failed()
+                self.log.warning("could not read the client's state from Redis", error=str(exc))
+        self._stop_feed()
         backlog.epoch = self.channel.epoch
-        self.channel.backlog = backlog
+        self.channel.backlog = self.backlog = backlog
+        self.role = "owner"
+        adopted = self._adopt(records)
+        if handoff is not None and not self.upstream.running:
+            self.upstream.sid = handoff  # the last holder closed its socket cleanly: reuse the id
+        self.log.info("this relay holds the client", fence=lease.fence, adopted=adopted,
+                      handoff=handoff is not None)  # fmt: skip
+        if self.needed:
+            self.upstream.start()
+
+    def _adopt(self, records: dict[str, str]) -> int:
+        """Take over the prompts another relay left in flight; their end is settled once open."""
+        now, wall = time.monotonic(), time.time()
+        adopted = 0
+        for prompt_id, text in records.items():
+            try:
+                record = orjson.loads(text)
+                usable = self.translator.adopt(prompt_id, record["run"], now, wall)
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                usable = False
+            if not usable:
+                self.log.warning("a prompt record in Redis is unusable; dropped", prompt_id=prompt_id)
+                assert self.backlog is not None
+                self.backlog.record(prompt_id, None)
+                continue
+            if isinstance(record.get("sid"), str):
+                self.routes[prompt_id] = record["sid"]
+            adopted += 1
+        self._adopted = self._adopted or adopted > 0
+        if adopted:
+            self.metrics.takeovers.inc()
+        return adopted
+
+    async def _become_follower(self) -> None:
+        cluster, redis_log, _ = self._shared()
+        reader = RedisBacklog(
+            redis_log,
+            limit=1,
+            deliver=self.channel.deliver,
+            token=lambda: "",
+            lost_lease=lambda: None,
+        )
+        reader.stopped = True  # reads only: another relay writes this client's events
+        self.channel.backlog = reader
+        self.backlog = None
+        self.role = "follower"
+        cluster.listen()
+        try:
+            epoch, last = await redis_log.open()
+            await self._catch_up(epoch, last)
+        except (RedisError, OSError) as exc:
+            cluster.failed()
+            self.log.warning("could not read the client's stream from Redis", error=str(exc))
+        self._feed_wake.set()
+        if self._feed is None or self._feed.done():
+            self._feed = asyncio.create_task(self._follow(), name=f"follow-{self.client_id}")
+
+    async def _catch_up(self, epoch: str, last: int) -> None:
+        """Bring this channel to the stream's end: deliver what it lacks, or start over on the
+        stream when it cannot (another epoch, or events Redis no longer has)."""
+        _, redis_log, _ = self._shared()
+        channel = self.channel
+        if channel.epoch == epoch and channel.seq <= last:
+            while channel.seq < last:
+                entries = await redis_log.since(channel.seq, count=512)
+                if not entries:
+                    break
+                for entry in entries:
+                    channel.deliver(entry)
+            if channel.seq >= last:
+                return
+        self._resync(epoch, last)
+
+    def _resync(self, epoch: str, last: int) -> None:
+        """This channel's tabs cannot go on without a hole: restart it at the stream's end and
+        close them so they reconnect (and are told what was lost)."""
+        channel = self.channel
+        if channel.subscribers and (channel.epoch, channel.seq) != (epoch, last):
+            self.log.warning("the client's stream lost events its tabs had not received; closing them",
+                             tabs=len(channel.subscribers))  # fmt: skip
+            reset = StreamReset("the event stream was cut; reconnect with ?since= to learn what was lost")
+            for subscriber in list(channel.subscribers):
+                task = asyncio.create_task(subscriber.close(reset.close_code, reset.message))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+        channel.restart_at(epoch, last)
+
+    def notified(self, epoch: str | None, seq: int | None, notice: Notice | None = None) -> None:
+        """The client's stream grew to ``seq`` under ``epoch`` (None: read it to know), with the
+        ``notice``'s events: delivered at once when they follow on, else read from the stream."""
+        if self.role != "follower":
+            return
+        channel = self.channel
+        if epoch is not None and epoch != channel.epoch:
+            self._feed_reset = True
+        elif seq is not None and seq <= channel.seq:
+            return
+        elif notice is not None and notice.first == channel.seq + 1:
+            for entry in notice.entries:
+                channel.deliver(entry)
+            return
+        self._feed_wake.set()
+
+    async def _follow(self) -> None:
+        """Deliver the stream's new events to this relay's tabs, as notices announce them."""
+        cluster, redis_log, _ = self._shared()
+        while self.role == "follower":
+            await self._feed_wake.wait()
+            self._feed_wake.clear()
+            try:
+                if self._feed_reset:
+                    self._feed_reset = False
+                    epoch, last = await redis_log.position()
+                    if epoch is not None:
+                        await self._catch_up(epoch, last)
+                    continue
+                while self.role == "follower":
+                    entries = await redis_log.since(self.channel.seq, count=512)
+                    if entries is None:
+                        epoch, last = await redis_log.position()
+                        self._resync(epoch or self.channel.epoch, last)
+                        break
+                    for entry in entries:
+                        self.channel.deliver(entry)
+                    if len(entries) < 512:
+                        break
+            except (RedisError, OSError) as exc:
+                cluster.failed()
+                self.log.warning("could not read the client's stream from Redis", error=str(exc))
+
+    def _stop_feed(self) -> None:
+        feed, self._feed = self._feed, None
+        if feed is not None and feed is not asyncio.current_task():
+            feed.cancel()
+
+    def _lost_lease(self) -> None:
+        task = asyncio.create_task(self._step_down("the client's lease passed to another relay"))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _step_down(self, why: str) -> None:
+        """Another relay holds the client: stop speaking for it and follow its stream instead."""
+        async with self._role_lock:
+            if self.role != "owner":
+                return
+            self.log.warning("no longer holding the client; following the relay that does", why=why)
+            if self.backlog is not None:
+                self.backlog.stopped = True
+            self.role = "follower"
+            await self.upstream.close()
+            self._forget_prompts()
+            await self._become_follower()
+
+    async def release(self) -> None:
+        """Nothing here needs the client any more: close its socket and let another relay take it."""
+        async with self._role_lock:
+            if self.role != "owner" or self.needed:
+                return
+            await self.upstream.close()
+            if self.backlog is not None:
+                await self.backlog.close()
+            assert self.lease is not None
+            with contextlib.suppress(RedisError, OSError):
+                await self.lease.release()
+            self.log.info("released the client: nothing here needs it")
+            await self._become_follower()
+
+    def _forget_prompts(self) -> None:
+        """The prompts are another relay's to follow now."""
+        self.translator = Translator(
+            file_url=self._file_url, preview_url=self.previews.url, durations=self._durations
+        )
+        self.routes.clear()
+        self.detached.clear()
+
+    def start_upstream(self) -> None:
+        """Open the ComfyUI socket if this relay speaks for the client."""
+        if self.owned:
+            self.upstream.start()
 
     @property
     def needed(self) -> bool:
@@ -133,21 +440,33 @@ class ClientSession:
     def add(self, subscriber: Subscriber) -> None:
         self.channel.add(subscriber)
         self.idle_since = None
-        self.upstream.start()
+        self.start_upstream()
 
     def remove(self, subscriber: Subscriber) -> None:
         self.channel.discard(subscriber)
 
     async def close(self) -> None:
-        """Stop watching detached prompts, close the upstream socket, write what Redis lacks."""
+        """Stop watching detached prompts, close the upstream socket, write what Redis lacks; with
+        Redis, hand the client over: the next relay reuses the socket's id when it can."""
         watcher, self._watcher = self._watcher, None
-        if watcher is not None:
-            watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+        for task in (watcher, self._queue_check):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._stop_feed()
         await self.upstream.close()
         if self.backlog is not None:
             await self.backlog.close()
+        if self.role == "owner" and self.lease is not None and self.redis_log is not None:
+            handoff = bool(self.translator.active())
+            with contextlib.suppress(RedisError, OSError):
+                if handoff:
+                    # Closed with a handshake: ComfyUI let go of the id, and sends the running
+                    # prompt's events to whichever socket registers under it next.
+                    await self.redis_log.give_handoff(self.upstream.sid)
+                await self.lease.release()
+            self.log.info("handed the client over", prompts=len(self.translator.active()), handoff=handoff)
 
     # Routing ----------------------------------------------------------------------------
 
@@ -160,7 +479,7 @@ class ClientSession:
         """ComfyUI did not take the prompt."""
         self.routes.pop(prompt_id, None)
 
-    def _check_routes(self) -> None:
+    def _check_routes(self, reason: str | None = None) -> None:
         """Detach the active prompts submitted under a routing id that is no longer the socket's."""
         sid = self.upstream.sid
         lost = [
@@ -171,7 +490,7 @@ class ClientSession:
         self.detached.update(lost)
         self.metrics.detached.inc(len(lost))
         self.log.warning("prompts detached: their socket to ComfyUI was lost uncleanly", prompt_ids=lost)
-        reason = (
+        reason = reason or (
             "the relay's socket to ComfyUI was lost without a clean close; ComfyUI sends this "
             "prompt's progress to that socket, so only its end can be reported"
         )
@@ -204,6 +523,8 @@ class ClientSession:
         forward = translation.forward
         if forward is not None:
             self.channel.publish_raw(forward.payload, key=forward.key, legacy=forward.legacy)
+            if self.raw_elsewhere and self.cluster is not None:
+                self.cluster.publish_raw(self.client_id, forward.payload, forward.key, forward.legacy)
 
     def publish(self, events: Iterable[Event]) -> None:
         for event in events:
@@ -215,6 +536,21 @@ class ClientSession:
                 self.detached.discard(event.prompt_id)
             elif isinstance(event, Queued):
                 self._check_routes()  # the socket may have been lost while ComfyUI answered
+            if self.backlog is not None and not event.coalesces:
+                self._keep_record(event)
+
+    def _keep_record(self, event: Event) -> None:
+        """With Redis: the prompt's state as of this event, for a relay that takes over."""
+        prompt_id = getattr(event, "prompt_id", None)
+        if not isinstance(prompt_id, str) or self.backlog is None:
+            return
+        if isinstance(event, Done):
+            self.backlog.record(prompt_id, None)
+            return
+        run = self.translator.export(prompt_id, time.monotonic(), time.time())
+        if run is not None:
+            record = {"sid": self.routes.get(prompt_id), "run": run}
+            self.backlog.record(prompt_id, orjson.dumps(record).decode())
 
     def _file_url(self, ref: Any) -> str:
         query = urlencode({"filename": ref["filename"], "subfolder": ref["subfolder"], "type": ref["type"]})
@@ -225,8 +561,16 @@ class ClientSession:
     def on_frame(self, frame: str | bytes) -> None:
         (self.metrics.comfy_text if isinstance(frame, str) else self.metrics.comfy_binary).inc()
         translation = self.translator.frame(frame, time.monotonic())
-        if translation.queue_status and self.detached:
-            self._queue_moved.set()
+        if translation.queue_status:
+            if self.detached:
+                self._queue_moved.set()
+            checking = self._queue_check is not None and not self._queue_check.done()
+            if self.cluster is not None and self.translator.queued() and not checking:
+                # ComfyUI announces every deletion from its queue: one of ours may have gone,
+                # deleted through another relay (which cannot settle it: this one follows it).
+                self._queue_check = asyncio.create_task(
+                    self._check_queue(), name=f"queue-check-{self.client_id}"
+                )
         if translation.unknown is not None:
             self.metrics.comfy_unknown.inc()
             if translation.unknown not in self._unknown_seen and len(self._unknown_seen) < 64:
@@ -241,12 +585,19 @@ class ClientSession:
         self.publish([UpstreamEvent(state, attempt, reason)])
 
     async def on_connected(self, reconnected: bool) -> None:
+        adopted, self._adopted = self._adopted, False
         if reconnected:
             self.metrics.upstream_reconnects.inc()
             self._check_routes()
             # ComfyUI may have been restarted as another version: read what it offers again.
             with contextlib.suppress(RelayError):
                 await self.comfy.capabilities(fresh=True)
+        elif adopted:
+            self._check_routes(
+                "the relay that followed this prompt stopped without handing over its socket to "
+                "ComfyUI; ComfyUI sends this prompt's progress there, so only its end can be reported"
+            )
+        if reconnected or adopted:
             await self.reconcile()
 
     def _attached(self) -> set[str]:
@@ -261,6 +612,9 @@ class ClientSession:
         if closed:
             self.log.warning("prompts finished without a word on the socket; reopening it", closed=closed)
         return closed > 0
+
+    async def _check_queue(self) -> None:
+        await self.reconcile(removed=True)
 
     async def reconcile(self, *, removed: bool = False, only: set[str] | None = None) -> int:
         """Settle prompts that ended while the socket was away; returns how many it closed.
@@ -295,6 +649,25 @@ class ClientSession:
 
     # Snapshots for clients that cannot resume ---------------------------------------------
 
+    async def remote_snapshots(self) -> list[Snapshot]:
+        """Snapshots of the prompts another relay follows for this client, from their records."""
+        if self.redis_log is None:
+            return []
+        try:
+            records = await self.redis_log.records()
+        except (RedisError, OSError):
+            return []
+        scratch = Translator(file_url=self._file_url, preview_url=self.previews.url)
+        now, wall = time.monotonic(), time.time()
+        runs: list[tuple[float, str]] = []
+        for prompt_id, text in records.items():
+            with contextlib.suppress(orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                run = orjson.loads(text)["run"]
+                if scratch.adopt(prompt_id, run, now, wall):
+                    runs.append((float(run.get("registered_at") or 0), prompt_id))
+        snapshots = (scratch.snapshot(prompt_id, now) for _, prompt_id in sorted(runs))
+        return [snapshot for snapshot in snapshots if snapshot is not None]
+
     def snapshots(self) -> Iterator[Snapshot]:
         now = time.monotonic()
         for prompt_id in self.translator.active():
@@ -304,7 +677,11 @@ class ClientSession:
 
 
 class Sessions:
-    """Every client's session, and the reaper that closes idle upstream sockets."""
+    """Every client's session, and the reaper that closes idle upstream sockets.
+
+    With Redis, the sessions are this relay's part of a cluster (:class:`relay.cluster.Cluster`):
+    each client is held by one relay and followed by the others.
+    """
 
     def __init__(
         self,
@@ -326,6 +703,11 @@ class Sessions:
         self.learn = learn
         self._sessions: dict[str, ClientSession] = {}
         self._reaper: asyncio.Task[None] | None = None
+        self.cluster: Cluster | None = None
+        if redis is not None:
+            from relay.cluster import Cluster  # noqa: PLC0415 - it names sessions in its types
+
+            self.cluster = Cluster(redis, config, sessions=self.__iter__, find=self.find, get=self.get)
 
     def get(self, client_id: str) -> ClientSession:
         session = self._sessions.get(client_id)
@@ -339,11 +721,12 @@ class Sessions:
                 observers=self.observers,
                 learn=self.learn,
             )
-            if self.redis is not None:
-                stream = RedisLog(
-                    self.redis, client_id, ring_size=self.config.ring_size, ttl=self.config.redis_event_ttl
-                )
-                session.backlog = RedisBacklog(stream, limit=self.config.ring_size)
+            if self.redis is not None and self.cluster is not None:
+                config = self.config
+                stream = RedisLog(self.redis, client_id, ring_size=config.ring_size,
+                                  ttl=config.redis_event_ttl, lease_ttl=config.lease_ttl)  # fmt: skip
+                lease = Lease(self.redis, client_id, ttl=config.lease_ttl, holder=self.cluster.replica)
+                session.join(self.cluster, stream, lease)
         return session
 
     def find(self, client_id: str) -> ClientSession | None:
@@ -364,6 +747,8 @@ class Sessions:
 
     def start(self) -> None:
         self._reaper = asyncio.create_task(self._reap_forever(), name="relay-session-reaper")
+        if self.cluster is not None:
+            self.cluster.start()
 
     async def _reap_forever(self) -> None:
         interval = max(0.05, min(1.0, self.config.upstream_grace / 4))
@@ -382,15 +767,32 @@ class Sessions:
             if idle >= self.config.upstream_grace and session.upstream.running:
                 session.log.info("closing idle upstream socket", idle=round(idle, 1))
                 await session.upstream.close()
+                if session.role == "owner":
+                    await session.release()
             if idle >= SESSION_TTL:
                 del self._sessions[session.client_id]
+                await session.close()
 
     async def close(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
-        await asyncio.gather(*(s.close() for s in self._sessions.values()), return_exceptions=True)
+        if self.cluster is not None:
+            await self.cluster.stop_ticking()
+        await asyncio.gather(*(self._close(s) for s in self._sessions.values()))
+        if self.cluster is not None:
+            await self.cluster.close()
+
+    async def _close(self, session: ClientSession) -> None:
+        """Close a session at shutdown, within a bound: a stop must not wait on one client."""
+        try:
+            async with asyncio.timeout(_CLOSE_LIMIT):
+                await session.close()
+        except TimeoutError:
+            session.log.warning("client not closed cleanly in time at shutdown", limit=_CLOSE_LIMIT)
+        except Exception:  # one client's failure must not keep the others from closing
+            session.log.exception("client not closed cleanly at shutdown")
 
 
 def live_state(sessions: Iterable[ClientSession]) -> LiveState:
@@ -407,6 +809,8 @@ def live_state(sessions: Iterable[ClientSession]) -> LiveState:
             live.dropped += subscriber.dropped
         if session.upstream.state in live.upstreams:
             live.upstreams[session.upstream.state] += 1
+        if session.role in live.roles:
+            live.roles[session.role] += 1
         queued_ids = session.translator.queued()
         for prompt_id in session.translator.active():
             live.prompts["queued" if prompt_id in queued_ids else "running"] += 1

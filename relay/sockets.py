@@ -10,11 +10,13 @@ first message means anything; anything else a relay-events socket sends gets a
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from typing import NamedTuple
 
 import orjson
 import structlog
+from redis.exceptions import RedisError
 from starlette.websockets import WebSocket
 
 from relay import __version__
@@ -121,17 +123,24 @@ async def _serve_socket(
         send=websocket.scope.get(RAW_SEND),
         lang=params.lang,
     )
-    session.upstream.start()
-    # The replay reads the ring last; from there to joining the channel nothing awaits, so the
-    # tab misses nothing and gets nothing twice.
+    session.start_upstream()
+    upstream = await _upstream_state(session)
+    # The replay (or the snapshots) read the ring last; from there to joining the channel
+    # nothing awaits, so the tab misses nothing and gets nothing twice.
     replay = None
     if params.since is not None and params.epoch in (None, session.channel.epoch):
         replay = await session.channel.replay(params.since, params.lang)
-    _greet(session, subscriber, params, replay)
+    snapshots: list[str] = []
+    at = None
+    if replay is None and subscriber.wants_relay:
+        snapshots, at = await _snapshots(session, params.lang)
+    _greet(session, subscriber, params, replay, snapshots, upstream, at)
     # Greeting and replay were queued with no await since reading the ring: joining now
     # leaves neither a gap nor a duplicate between replayed and live events.
     session.add(subscriber)
     subscriber.start()
+    if subscriber.wants_comfy:
+        await session.ask_for_raw()
     log.info("client connected", events=params.mode, since=params.since, lang=params.lang)
     try:
         await _read_client(session, subscriber)
@@ -144,8 +153,37 @@ async def _serve_socket(
         log.info("client disconnected", coalesced=subscriber.coalesced, dropped=subscriber.dropped)
 
 
-def _greet(
-    session: ClientSession, subscriber: Subscriber, params: SocketParams, replay: list[str] | None
+async def _upstream_state(session: ClientSession) -> str:
+    """The state of the client's ComfyUI socket, as ``relay.hello`` names it. On a relay that
+    follows another: connected while some relay holds the client."""
+    if session.owned:
+        state = session.upstream.state
+        return "down" if state == "closed" else state
+    with contextlib.suppress(RedisError, OSError):
+        return "connected" if await session.lease_current() is not None else "connecting"
+    return "down"
+
+
+async def _snapshots(session: ClientSession, lang: str | None) -> tuple[list[str], int]:
+    """Each active prompt's state for a tab that cannot resume, then the events delivered while
+    it was read (on a relay following another, the prompts' state is read from Redis); and the
+    seq the snapshots are as of."""
+    channel = session.channel
+    seq = channel.seq
+    if session.owned:
+        return [channel.stamp(snapshot, lang=lang) for snapshot in session.snapshots()], seq
+    snapshots = [channel.stamp(snapshot, seq=seq, lang=lang) for snapshot in await session.remote_snapshots()]
+    return snapshots + (channel.since(seq, lang) or []), seq
+
+
+def _greet(  # noqa: PLR0917 - one call site, every argument a different thing
+    session: ClientSession,
+    subscriber: Subscriber,
+    params: SocketParams,
+    replay: list[str] | None,
+    snapshots: list[str],
+    upstream: str,
+    at: int | None,
 ) -> None:
     channel = session.channel
     lang, since = subscriber.lang, params.since
@@ -155,22 +193,21 @@ def _greet(
         if replay:
             session.metrics.replayed.inc(len(replay))
     if subscriber.wants_relay:
-        upstream = session.upstream.state
         hello = Hello(
-            upstream="down" if upstream == "closed" else upstream,
+            upstream=upstream,
             resumed=resumed,
             version=__version__,
             epoch=channel.epoch,
             assigned=params.client_id is None,
             missed=len(replay) if replay is not None else None,
         )
-        subscriber.offer(Outgoing(channel.stamp(hello, lang=lang)))
+        subscriber.offer(Outgoing(channel.stamp(hello, seq=at, lang=lang)))
         if replay is not None:
             for payload in replay:
                 subscriber.offer(Outgoing(payload))
         else:
-            for snapshot in session.snapshots():
-                subscriber.offer(Outgoing(channel.stamp(snapshot, lang=lang)))
+            for payload in snapshots:
+                subscriber.offer(Outgoing(payload))
     if subscriber.wants_comfy:
         remaining = session.translator.queue_remaining or 0
         status = {

@@ -50,7 +50,7 @@ class RelayState:
         self.comfy = comfy
         self.streams = streams
         self.durations = durations
-        self.eta = EtaKeeper(durations)
+        self.eta = EtaKeeper(durations, redis)
         self.redis = redis
         self.sessions = Sessions(
             config,
@@ -100,6 +100,7 @@ async def open_relay(config: RelayConfig, metrics: Metrics, workflows: Library) 
         redis=_redis(config.redis_url) if config.redis_url else None,
     )
     metrics.watch(state.sessions.live_state)
+    await state.eta.share()  # what the other relays learned, before the first estimate
     proxy = ProxyContext(
         comfy=comfy,
         streams=streams,
@@ -112,10 +113,10 @@ async def open_relay(config: RelayConfig, metrics: Metrics, workflows: Library) 
     finally:
         await state.close_clients()
         await state.sessions.close()
+        await state.eta.close()  # shares what it learned through Redis: before Redis closes
         if state.redis is not None:
             await state.redis.aclose()
         await comfy.aclose()
-        await state.eta.close()
         await streams.aclose()
 
 

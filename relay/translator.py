@@ -48,6 +48,7 @@ from relay.events import (
     file_refs,
     history_outcome,
 )
+from relay.i18n import Localized
 from relay.i18n import Text as Name
 from relay.protocol import BinaryEvent, ImageFormat, ProtocolError, decode_binary_frame, encode_preview
 
@@ -706,6 +707,71 @@ class Translator:
         run.fraction = 0.0
         run.current = None
 
+    # Handing a prompt to another relay -----------------------------------------------------
+
+    def export(self, prompt_id: str, now: float, wall: float) -> dict[str, Any] | None:
+        """A prompt in flight as plain data, for another relay to :meth:`adopt` (times as wall
+        clock: ``now`` is this clock's time at the wall-clock time ``wall``)."""
+        run = self._runs.get(prompt_id)
+        if run is None or run.phase not in ("queued", "running"):
+            return None
+
+        def at(moment: float | None) -> float | None:
+            return None if moment is None else round(wall - (now - moment), 3)
+
+        return {
+            "plan": _plan_data(run.plan),
+            "phase": run.phase,
+            "number": run.number,
+            "registered_at": at(run.registered_at),
+            "queued_at": at(run.queued_at),
+            "started_at": at(run.started_at),
+            "started_sent": run.started_sent,
+            "next_index": run.next_index,
+            "current": run.current,
+            "outputs": run.outputs,
+            "preview_version": run.preview_version,
+            "steps": [
+                [step.spec.node, step.index, step.state, at(step.started), step.duration, step.iterations]
+                for step in run.steps.values()
+            ],
+        }
+
+    def adopt(self, prompt_id: str, data: Mapping[str, Any], now: float, wall: float) -> bool:
+        """Take over a prompt another relay was following (see :meth:`export`); False when the
+        data is unusable. Its next events continue where the other relay's stopped."""
+        if prompt_id in self._runs:
+            return True
+        try:
+            plan = _plan_from(data["plan"])
+
+            def at(moment: Any) -> float | None:
+                return None if moment is None else now - (wall - float(moment))
+
+            steps: OrderedDict[str, _Step] = OrderedDict()
+            specs = {spec.node: spec for spec in plan.steps} | dict(plan.others)
+            for node, index, state, started, duration, iterations in data["steps"]:
+                spec = specs.get(node) or StepSpec(node, "unknown", f"node {node}")
+                steps[node] = _Step(spec, index, state, at(started), duration, iterations)
+            run = _Run(prompt_id, plan, at(data["registered_at"]) or now, steps)
+            run.phase = data["phase"]
+            run.number = data.get("number")
+            run.queued_at = at(data.get("queued_at"))
+            run.started_at = at(data.get("started_at"))
+            run.started_sent = bool(data.get("started_sent"))
+            run.next_index = int(data["next_index"])
+            run.current = data.get("current")
+            run.outputs = dict(data.get("outputs") or {})
+            run.preview_version = int(data.get("preview_version") or 0)
+        except (KeyError, TypeError, ValueError):
+            return False
+        if run.phase not in ("queued", "running"):
+            return False
+        self._runs[prompt_id] = run
+        if run.phase == "running":
+            self.running = prompt_id
+        return True
+
     # Snapshots -------------------------------------------------------------------------
 
     def snapshot(self, prompt_id: str, now: float) -> Snapshot | None:
@@ -759,3 +825,34 @@ class Translator:
 
     def _files(self, output: Any) -> list[dict[str, Any]]:
         return [{**ref, "kind": kind, "url": self._file_url(ref)} for kind, ref in file_refs(output)]
+
+
+def _name_data(name: Name) -> Any:
+    return {"texts": name.texts, "default": name.default} if isinstance(name, Localized) else name
+
+
+def _name_from(data: Any) -> Name:
+    return Localized(data["texts"], data["default"]) if isinstance(data, dict) else str(data)
+
+
+def _spec_data(spec: StepSpec) -> list[Any]:
+    return [spec.node, spec.class_type, _name_data(spec.name), spec.iterations]
+
+
+def _spec_from(data: list[Any]) -> StepSpec:
+    node, class_type, name, iterations = data
+    return StepSpec(str(node), str(class_type), _name_from(name), iterations)
+
+
+def _plan_data(plan: Plan) -> dict[str, Any]:
+    return {
+        "steps": [_spec_data(spec) for spec in plan.steps],
+        "others": [_spec_data(spec) for spec in plan.others.values()],
+        "workflow": plan.workflow,
+        "timing_key": plan.timing_key,
+    }
+
+
+def _plan_from(data: Mapping[str, Any]) -> Plan:
+    others = {spec.node: spec for spec in map(_spec_from, data["others"])}
+    return Plan(tuple(map(_spec_from, data["steps"])), others, data.get("workflow"), data.get("timing_key"))

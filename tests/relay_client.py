@@ -83,6 +83,20 @@ class Tab:
                 self._arrived.clear()
                 await self._arrived.wait()
 
+    async def wait_raw(
+        self, predicate: Callable[[str | bytes], bool], *, timeout: float = 20.0
+    ) -> str | bytes:
+        """The first frame as received (any kind, ComfyUI's raw ones too) that ``predicate`` likes."""
+        async with asyncio.timeout(timeout):
+            while True:
+                for frame in self.raw:
+                    if predicate(frame):
+                        return frame
+                if self.closed.is_set():
+                    raise AssertionError(f"socket closed ({self.close_code}) while waiting for a frame")
+                self._arrived.clear()
+                await self._arrived.wait()
+
     async def wait_type(self, event_type: str, prompt_id: str | None = None, **kwargs: Any) -> Event:
         return await self.wait_for(
             lambda e: e["type"] == event_type and (prompt_id is None or e.get("prompt_id") == prompt_id),

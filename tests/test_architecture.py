@@ -25,7 +25,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "relay"
 
 # What a module doing no I/O must not reach: event loops, sockets, files, the web stack.
 IO = frozenset({"asyncio", "socket", "os", "tempfile", "pathlib", "subprocess", "websockets", "httpx",
-                "starlette", "uvicorn", "structlog"})  # fmt: skip
+                "starlette", "uvicorn", "structlog", "redis"})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,10 @@ RULES = (
                 "relay.comfy",
                 "relay.protocol",
                 "relay.proxy",
+                "redis",
+                "relay.eventlog",
+                "relay.cluster",
+                "relay.lease",
             }
         ),
     ),

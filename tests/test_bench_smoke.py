@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -49,3 +52,21 @@ def test_eager_benchmark_runs() -> None:
     assert "eager (relay.eager)" in result.stdout
     assert "writer tasks" in result.stdout
     assert result.stdout.count("ratio") >= 3
+
+
+def test_replicas_benchmark_runs(tmp_path: Path) -> None:
+    """bench/replicas.py measures memory, one and three relays on Redis, and writes each figure."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (make redis)")
+    out = tmp_path / "replicas.json"
+    sizes = ["--subscribers", "3", "--events", "5", "--rate", "50", "--repeat", "1"]
+    command = [sys.executable, str(BENCH / "replicas.py"), *sizes, "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, check=True)
+    assert "redis-3 vs memory" in result.stdout
+    rows = {row["setup"]: row for row in json.loads(out.read_text())}
+    assert set(rows) == {"memory", "redis-1", "redis-3"}
+    for row in rows.values():
+        assert row["delivered_frames"] >= 15  # five progress events to each of three tabs
+        assert row["relay_cpu_us_per_frame"] > 0
+    assert rows["memory"]["redis_commands_per_event"] == 0
+    assert rows["redis-1"]["redis_commands_per_event"] > 1  # each event's write, counted by Redis

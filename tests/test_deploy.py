@@ -211,7 +211,7 @@ def test_plain_manifests_validate_and_the_validator_bites() -> None:
         kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
 
 
-@pytest.mark.parametrize("folder", ["base", "overlays/in-cluster-comfyui"])
+@pytest.mark.parametrize("folder", ["base", "overlays/in-cluster-comfyui", "overlays/replicas-redis"])
 def test_rendered_manifests_validate(folder: str) -> None:
     """`kubectl kustomize` output of the base and the overlay validates against the Kubernetes schemas."""
     docs = render(DEPLOY / folder)
@@ -256,6 +256,41 @@ def test_overlay_points_at_in_cluster_comfyui() -> None:
             "traefik.ingress.kubernetes.io/service.sticky.cookie"
         ]
         == "true"
+    )
+
+
+def test_replicas_overlay_runs_three_relays_on_redis_without_affinity() -> None:
+    """Three relay pods on the overlay's Redis, each telling the others where it is, no client
+    affinity anywhere, and a disruption budget and rollout that keep two serving."""
+    docs = render(DEPLOY / "overlays" / "replicas-redis")
+    relays = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "comfy-relay")
+    redis = next(
+        d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "comfy-relay-redis"
+    )
+    config = RelayConfig.from_env(of_kind(docs, "ConfigMap")["data"])
+    assert relays["spec"]["replicas"] == 3
+    assert relays["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    redis_services = [
+        d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "comfy-relay-redis"
+    ]
+    port = redis_services[0]["spec"]["ports"][0]["port"]
+    assert config.redis_url == f"redis://comfy-relay-redis:{port}/0"
+    assert "noeviction" in redis["spec"]["template"]["spec"]["containers"][0]["args"]
+    container = relays["spec"]["template"]["spec"]["containers"][0]
+    env = {item["name"]: item for item in container["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["RELAY_ADVERTISE_URL"]["value"] == f"http://$(POD_IP):{config.port}"
+    relay_service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "comfy-relay")
+    assert "annotations" not in relay_service["metadata"]  # no sticky cookie
+    assert (
+        "nginx.ingress.kubernetes.io/upstream-hash-by"
+        not in of_kind(docs, "Ingress")["metadata"]["annotations"]
+    )
+    assert of_kind(docs, "PodDisruptionBudget")["spec"]["minAvailable"] == 2
+    # The relay Service does not send traffic to Redis, nor the Redis Service to relays.
+    assert (
+        not relay_service["spec"]["selector"].items()
+        <= redis["spec"]["template"]["metadata"]["labels"].items()
     )
 
 

@@ -20,6 +20,7 @@ from relay.observers import EtaKeeper
 from relay.server import run_relay
 from relay.translator import StepTiming
 from tests.conftest import relay_config
+from tests.redis_server import RedisServer
 from tests.relay_client import Tab, open_tab
 
 # Slow enough that the sampler's 20 steps take about a second, so 25% is a fair bar.
@@ -166,3 +167,34 @@ async def test_eta_saves_are_batched_and_written_off_the_event_loop(tmp_path: Pa
     assert threading.main_thread() not in threads
     saved = orjson.loads((tmp_path / "durations.json").read_bytes())
     assert saved["pipelines"]["wf"]["sampler"]["runs"] == 30
+
+
+async def test_relays_share_what_they_learn_through_redis(redis_server: RedisServer) -> None:
+    """Two relays' keepers on one Redis: a step one of them learned is known to the other after
+    its next share (at a relay.done, or at start), and a relay's own fresher learning is not
+    overwritten by the shared copy."""
+    first_client, second_client = redis_server.client(), redis_server.client()
+    try:
+        first = EtaKeeper(Durations(), first_client)
+        second = EtaKeeper(Durations(), second_client)
+        first.learned(StepTiming("text2img", "3", 8.0, 20))
+        await first.share()
+        assert second.durations.step("text2img", "3") is None
+        await second.share()
+        shared = second.durations.step("text2img", "3")
+        assert shared is not None
+        assert (shared.seconds, shared.per_iteration, shared.runs) == (8.0, 0.4, 1)
+        # The second relay learns more of the same step; the first one's old copy does not win.
+        second.learned(StepTiming("text2img", "3", 4.0, 20))
+        await first.share()
+        await second.share()
+        mine = second.durations.step("text2img", "3")
+        assert mine is not None
+        assert mine.runs == 2
+        await first.share()
+        theirs = first.durations.step("text2img", "3")
+        assert theirs is not None
+        assert (theirs.runs, theirs.seconds) == (2, mine.seconds)
+    finally:
+        await first_client.aclose()
+        await second_client.aclose()

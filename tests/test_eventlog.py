@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from relay.eventlog import LogEntry, RedisLog
+import asyncio
+
+from redis.asyncio import Redis
+
+from relay.eventlog import RedisLog, parse_notice
+from relay.fanout import Entry
 from tests.redis_server import RedisServer
 
 
-def entries(first: int, last: int) -> list[LogEntry]:
+def entries(first: int, last: int) -> list[Entry]:
     return [
-        LogEntry(seq, f'{{"seq":{seq}}}', {"ko": f"k{seq}", "en": f"e{seq}"} if seq % 2 else None)
+        Entry(seq, f'{{"seq":{seq}}}', variants={"ko": f"k{seq}", "en": f"e{seq}"} if seq % 2 else None)
         for seq in range(first, last + 1)
     ]
 
@@ -21,8 +26,8 @@ async def test_one_relay_writes_another_resumes(redis_server: RedisServer) -> No
         log = RedisLog(writer, "alice", ring_size=100, ttl=60)
         epoch, last = await log.open()
         assert last == 0
-        await log.append(entries(1, 3), epoch)
-        await log.append(entries(4, 5), epoch)
+        await log.append(entries(1, 3), epoch, token="relay-1:1")
+        await log.append(entries(4, 5), epoch, token="relay-1:1")
         other = RedisLog(reader, "alice", ring_size=100, ttl=60)
         assert await other.open() == (epoch, 5)
         assert [e.seq for e in await other.since(2) or []] == [3, 4, 5]
@@ -43,7 +48,7 @@ async def test_a_trimmed_or_lost_log_is_not_resumed(redis_server: RedisServer) -
         log = RedisLog(client, "carol", ring_size=10, ttl=60)
         epoch, _ = await log.open()
         for start in range(1, 2000, 100):
-            await log.append(entries(start, start + 99), epoch)
+            await log.append(entries(start, start + 99), epoch, token="relay-1:1")
         assert await log.since(3) is None
         recent = await log.since(1990)
         assert [e.seq for e in recent or []] == list(range(1991, 2001))
@@ -56,4 +61,39 @@ async def test_a_trimmed_or_lost_log_is_not_resumed(redis_server: RedisServer) -
         assert (new_epoch != epoch, last) == (True, 0)
         assert await again.since(1990) is None
     finally:
+        await client.aclose()
+
+
+async def test_only_the_lease_holder_writes_and_records_travel_with_events(redis_server: RedisServer) -> None:
+    """A relay whose lease passed to another writes nothing; the holder's events, its prompt
+    records and the notice to the other relays go together; Redis forgetting the lease (a
+    restart) lets its holder take it back on its next write."""
+    client, listener = redis_server.client(), Redis.from_url(redis_server.url)  # notices are bytes
+    pubsub = listener.pubsub(ignore_subscribe_messages=True)
+    try:
+        await pubsub.subscribe("relay:notify")
+        log = RedisLog(client, "dora", ring_size=100, ttl=60, lease_ttl=30)
+        epoch, _ = await log.open()
+        # Nobody holds the lease: the first writer takes it.
+        assert await log.append(entries(1, 2), epoch, token="relay-1:1", records={"p1": '{"run":1}'}) == 1
+        assert await client.get("relay:lease:{dora}") == "relay-1:1"
+        assert await log.append(entries(3, 3), epoch, token="relay-2:2", records={"p1": None}) is None
+        assert await log.last_seq() == 2
+        assert await log.records() == {"p1": '{"run":1}'}
+        async with asyncio.timeout(10):
+            while (notice := await pubsub.get_message(timeout=1)) is None:  # skips the subscribe reply
+                pass
+        told = parse_notice(notice["data"])
+        assert told is not None
+        assert (told.client_id, told.epoch, told.first, told.last) == ("dora", epoch, 1, 2)
+        assert told.entries == entries(1, 2)  # the events themselves: followers need not read them
+        assert [e.variants for e in told.entries] == [e.variants for e in entries(1, 2)]
+        assert await log.append(entries(3, 3), epoch, token="relay-1:1", records={"p1": None}) == 0
+        assert await log.records() == {}
+        await client.delete("relay:lease:{dora}")
+        assert await log.append(entries(4, 4), epoch, token="relay-1:1") == -2  # no record: not counted
+        assert [e.seq for e in await log.since(0) or []] == [1, 2, 3, 4]
+    finally:
+        await pubsub.aclose()
+        await listener.aclose()
         await client.aclose()

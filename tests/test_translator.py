@@ -9,6 +9,7 @@ import orjson
 
 from relay.eta import Durations
 from relay.events import Event, fields
+from relay.i18n import Localized
 from relay.plans import build_plan
 from relay.protocol import (
     BinaryEvent,
@@ -369,3 +370,50 @@ def test_step_durations_come_out_as_data() -> None:
     assert out.timings == [StepTiming("wf", "1", 2.0, 20)]
     assert [e["type"] for e in plain(out)] == ["relay.step", "relay.done"]
     assert durations.step("wf", "1") is None
+
+
+def test_a_prompt_handed_to_another_translator_goes_on_where_it_stopped() -> None:
+    """Exported mid-run (as plain JSON) and adopted by a translator with a clock of its own (the
+    relay taking over), a prompt's next events are exactly those the first translator would have
+    sent: step indexes, percent, elapsed, durations and names all continue."""
+    trace = load_trace("02")
+    posted = next(r for r in trace.records if r["kind"] == "http" and r["path"].endswith("/prompt"))
+    body, prompt_id = posted["request"]["json"], posted["body_json"]["prompt_id"]
+    plan = build_plan(body["prompt"], OUTPUT_CLASSES)
+    names = {
+        spec.node: Localized({"en": f"step {spec.node}", "ko": f"단계 {spec.node}"}, "ko")
+        for spec in plan.steps
+    }
+    plan = Plan(
+        tuple(StepSpec(s.node, s.class_type, names[s.node], s.iterations) for s in plan.steps), plan.others
+    )
+    frames = [
+        (r["t"], wire(Frame.from_record(r)))
+        for r in trace.records
+        if r["kind"] == "ws_recv" and r["ws"] == "A"
+    ]
+
+    def start(translator: Translator) -> None:
+        translator.register(prompt_id, plan, posted["t_sent"])
+        translator.accept(prompt_id, posted["body_json"]["number"], posted["t"])
+
+    whole = Translator(file_url=file_url)
+    start(whole)
+    expected = [e for now, frame in frames for e in plain(whole.frame(frame, now))]
+    first, wall = Translator(file_url=file_url), 1_800_000_000.0  # wall clock = monotonic + wall
+    start(first)
+    before: list[dict[str, Any]] = []
+    cut = 0
+    for cut, (now, frame) in enumerate(frames, 1):  # noqa: B007 - cut is read after the loop
+        before += plain(first.frame(frame, now))
+        if sum(e["type"] == "relay.step" and e["state"] == "done" for e in before) == 2:
+            break
+    record = orjson.loads(orjson.dumps(first.export(prompt_id, now, now + wall)))
+    second, skew = Translator(file_url=file_url), 12_345.0  # the other relay's monotonic clock
+    assert second.adopt(prompt_id, record, now + skew, now + wall)
+    after = [e for later, frame in frames[cut:] for e in plain(second.frame(frame, later + skew))]
+    assert before + after == expected
+    assert any(e["type"] == "relay.step" and e["index"] > 2 for e in after)
+    step = next(e for e in after if e["type"] == "relay.step")
+    assert isinstance(step["name"], Localized)
+    assert step["name"].pick("en") == f"step {step['node']}"

@@ -54,6 +54,9 @@ class SocketHub:
         # Sids that registered while another socket of the same sid was still open here: the
         # start of the orphaning hazard. Not the server's state; kept for tests to check.
         self.overlaps: list[str] = []
+        # The most sockets open at once per client (the part of a sid before its first dot, as
+        # the relay names its routing ids): more than one for a client means two relays held it.
+        self.peak: dict[str, int] = {}
         self._quirk = duplicate_client_quirk
         self._queue: asyncio.Queue[tuple[str | bytes, str | None]] = asyncio.Queue(_QUEUE_LIMIT)
         self._every_connection: set[Connection] = set()
@@ -69,6 +72,9 @@ class SocketHub:
         self.sockets[connection.sid] = connection
         self.feature_flags[connection.sid] = {}
         self._every_connection.add(connection)
+        client = connection.sid.split(".")[0]
+        open_now = sum(1 for other in self._every_connection if other.sid.split(".")[0] == client)
+        self.peak[client] = max(self.peak.get(client, 0), open_now)
         self._notify()
 
     def unregister(self, connection: Connection) -> None:
