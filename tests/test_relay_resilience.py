@@ -81,12 +81,21 @@ async def test_no_events_cross_clients(
         foreign = response.json()["prompt_id"]
         async with asyncio.timeout(20):
             while not (await comfy.get(f"/history/{foreign}")).json():
-                await asyncio.sleep(0.02)
-    await asyncio.sleep(0.2)
-    assert {e["type"] for e in bob.events} <= {"relay.hello", "relay.upstream", "relay.queue"}
-    assert not [e for e in alice.events if e.get("prompt_id") == foreign]
-    leaked = [f for f in bob_raw.raw if isinstance(f, bytes) or ('"prompt_id"' in f)]
+                await asyncio.sleep(0.02)  # polling ComfyUI until the foreign prompt ended
+    # Each client's own next prompt runs after the foreign one (ComfyUI's queue is in order), and
+    # its frames come on that client's socket after any of the foreign one's: once both are done,
+    # no frame of the foreign prompt can still be on its way.
+    after_alice = await submit(relay_http, load_trace("01").workflow(), "alice")
+    after_bob = await submit(relay_http, load_trace("01").workflow(), "bob")
+    await alice.wait_done(after_alice)
+    await bob.wait_done(after_bob)
+    await bob_raw.wait_raw(lambda f: isinstance(f, str) and "execution_success" in f and after_bob in f)
+    assert {e.get("prompt_id") for e in bob.events} <= {None, after_bob}
+    assert {e.get("prompt_id") for e in alice.events} <= {None, prompt_id, after_alice}
+    # Bob's own prompt has no previews: any binary frame, or any other prompt's id, is a leak.
+    leaked = [f for f in bob_raw.raw if isinstance(f, bytes) or ('"prompt_id"' in f and after_bob not in f)]
     assert leaked == []
+    assert foreign not in {e.get("prompt_id") for e in alice.events + bob.events}
     for tab in (alice, bob, bob_raw):
         await tab.close()
 
