@@ -8,13 +8,14 @@ HOST ?= 127.0.0.1
 PORT ?= 8190
 COMFYUI_PORT ?= 8188
 
-.PHONY: help venv browser tools redis lint format test test-fast demo emulator clean
+.PHONY: help venv browser tools redis lint format test test-fast fuzz demo emulator clean
 
 help:
 	@echo "make demo      run the relay on http://$(HOST):$(PORT) with the built-in ComfyUI emulator"
 	@echo "make emulator  run only the emulated ComfyUI on http://$(HOST):$(COMFYUI_PORT)"
 	@echo "make test      lint (ruff, mypy --strict) and run the whole test suite, browser tests included"
 	@echo "make test-fast run the tests without the lint step"
+	@echo "make fuzz      the property-based fuzz suite at length (thousands of inputs per surface)"
 	@echo "make format    apply ruff's formatter and safe fixes"
 	@echo "make clean     remove the virtualenv and caches"
 
@@ -49,6 +50,10 @@ format: $(STAMP)
 
 test: lint browser tools redis
 	$(BIN)/pytest
+
+# The fuzz suite at length (thousands of inputs per surface; make test runs a few dozen).
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=long $(BIN)/pytest --hypothesis-show-statistics tests/fuzz
 
 test-fast: $(STAMP)
 	$(BIN)/pytest

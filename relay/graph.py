@@ -86,10 +86,9 @@ class ExecutionList:
             self._add(output)
 
     def _links(self, node_id: str) -> list[str]:
-        inputs = self._prompt[node_id].get("inputs", {})
-        return [
-            v[0] for v in inputs.values() if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)
-        ]
+        """The nodes ``node_id`` takes input from; a link to a node the graph lacks leads nowhere
+        (ComfyUI refuses such a prompt itself)."""
+        return [source for source in links(self._prompt[node_id]) if source in self._prompt]
 
     def _add(self, start: str) -> None:
         stack = [start]

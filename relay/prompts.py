@@ -114,6 +114,24 @@ async def cancel_prompt(request: Request[Lifespan]) -> Response:
     return _json({"prompt_id": prompt_id, "cancelled": cancelled})
 
 
+def _check_submission(body: dict[str, Any]) -> None:
+    """Refuse what ComfyUI would answer with a bare 500 (it converts or indexes these fields
+    without checking them): ``number`` must be a number, ``extra_data`` an object and
+    ``partial_execution_targets`` a list of node ids.
+
+    Raises:
+        BadRequest: naming the field.
+    """
+    number = body.get("number")
+    if "number" in body and (isinstance(number, bool) or not isinstance(number, (int, float))):
+        raise BadRequest("'number' must be a number (the place in ComfyUI's queue)", "invalid_number")
+    if "extra_data" in body and not isinstance(body["extra_data"], dict):
+        raise BadRequest("'extra_data' must be an object", "invalid_extra_data")
+    targets = body.get("partial_execution_targets")
+    if targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise BadRequest("'partial_execution_targets' must be a list of node ids", "invalid_targets")
+
+
 async def post_prompt(request: Request[Lifespan]) -> Response:
     state = request.state["relay"]
     body = await _json_object(request, state.config.max_prompt_bytes)
@@ -153,6 +171,7 @@ async def _submit(
     request: Request[Lifespan], body: dict[str, Any], graph: dict[str, Any], workflow: Workflow | None
 ) -> Response:
     state = request.state["relay"]
+    _check_submission(body)
     client_id = _client_id_of(request, body)
     prompt_id = _prompt_id_of(body)
     names = _step_names(workflow, state.config.language)

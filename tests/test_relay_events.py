@@ -193,6 +193,12 @@ async def test_bad_requests_get_clear_errors(relay: RunningRelay, relay_http: ht
         (b'{"prompt": "a string"}', "invalid_prompt"),
         (b'{"prompt": {"1": 5}}', "invalid_prompt"),
         (b'{"prompt": {}, "client_id": "has spaces"}', "bad_client_id"),
+        # Fields ComfyUI itself answers with a bare 500 (found by tests/fuzz).
+        (b'{"prompt": {}, "number": null}', "invalid_number"),
+        (b'{"prompt": {}, "number": "first"}', "invalid_number"),
+        (b'{"prompt": {}, "extra_data": [1]}', "invalid_extra_data"),
+        (b'{"prompt": {}, "partial_execution_targets": 3}', "invalid_targets"),
+        (b'{"prompt": {}, "partial_execution_targets": [1]}', "invalid_targets"),
     ]
     for body, kind in cases:
         response = await relay_http.post(
@@ -207,6 +213,13 @@ async def test_bad_requests_get_clear_errors(relay: RunningRelay, relay_http: ht
     assert invalid.status_code == 400
     assert invalid.json()["error"]["type"] == "invalid_prompt"
     assert "node_errors" in invalid.json()
+    # A link to a node the graph lacks (found by tests/fuzz: the relay's planning failed with 500).
+    dangling = {
+        "1": {"class_type": "KSampler", "inputs": {}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["9", 0]}},
+    }
+    refused = await relay_http.post("/prompt", json={"prompt": dangling, "client_id": "d"})
+    assert refused.status_code == 400, refused.text
 
     for query, code in (
         ("clientId=bad%20id", "bad_client_id"),

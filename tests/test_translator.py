@@ -417,3 +417,17 @@ def test_a_prompt_handed_to_another_translator_goes_on_where_it_stopped() -> Non
     step = next(e for e in after if e["type"] == "relay.step")
     assert isinstance(step["name"], Localized)
     assert step["name"].pick("en") == f"step {step['node']}"
+
+
+def test_plans_of_graphs_comfyui_will_refuse_do_not_fail() -> None:
+    """Found by tests/fuzz: a link to a node the graph lacks (ComfyUI's own 400 follows) made
+    planning fail with a KeyError, and the relay answered 500. Such links and inputs that are
+    not an object now lead nowhere."""
+    dangling = {
+        "": {"class_type": "KSampler", "inputs": {}},
+        "00": {"class_type": "SaveImage", "inputs": {"": ["0", None]}},
+    }
+    assert [s.node for s in build_plan(dangling, {"SaveImage"}).steps] == ["00"]
+    assert [
+        s.node for s in build_plan({"1": {"class_type": "SaveImage", "inputs": 5}}, {"SaveImage"}).steps
+    ] == ["1"]
