@@ -125,7 +125,8 @@ def _check_submission(body: dict[str, Any]) -> None:
     number = body.get("number")
     if "number" in body and (isinstance(number, bool) or not isinstance(number, (int, float))):
         raise BadRequest("'number' must be a number (the place in ComfyUI's queue)", "invalid_number")
-    if "extra_data" in body and not isinstance(body["extra_data"], dict):
+    extra = body.get("extra_data")
+    if extra is not None and not isinstance(extra, dict):  # null: none, as the relay always allowed
         raise BadRequest("'extra_data' must be an object", "invalid_extra_data")
     targets = body.get("partial_execution_targets")
     if targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):

@@ -220,6 +220,12 @@ async def test_bad_requests_get_clear_errors(relay: RunningRelay, relay_http: ht
     }
     refused = await relay_http.post("/prompt", json={"prompt": dangling, "client_id": "d"})
     assert refused.status_code == 400, refused.text
+    # extra_data null means none, as it always did through the relay.
+    accepted = await relay_http.post(
+        "/prompt", json={"prompt": {"1": {"class_type": "SaveImage", "inputs": {}}}, "extra_data": None}
+    )
+    assert accepted.status_code != 500, accepted.text
+    assert accepted.json().get("error", {}).get("type") != "invalid_extra_data"
 
     for query, code in (
         ("clientId=bad%20id", "bad_client_id"),
