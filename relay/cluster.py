@@ -128,9 +128,6 @@ class Cluster:
         self.unreachable_at: float | None = None
         self.interval = config.lease_ttl / 4
 
-    def lease_holder(self, token: str | None) -> str | None:
-        return None if token is None else token.rpartition(":")[0]
-
     def polite(self) -> bool:
         """Whether this relay should leave free leases alone for now (Redis was just away)."""
         since = self.unreachable_at
