@@ -8,14 +8,15 @@ HOST ?= 127.0.0.1
 PORT ?= 8190
 COMFYUI_PORT ?= 8188
 
-.PHONY: help venv browser tools redis lint format test test-fast fuzz demo emulator clean
+.PHONY: help venv browser tools redis lint format test test-fast fuzz soak demo emulator clean
 
 help:
 	@echo "make demo      run the relay on http://$(HOST):$(PORT) with the built-in ComfyUI emulator"
 	@echo "make emulator  run only the emulated ComfyUI on http://$(HOST):$(COMFYUI_PORT)"
 	@echo "make test      lint (ruff, mypy --strict) and run the whole test suite, browser tests included"
 	@echo "make test-fast run the tests without the lint step"
-	@echo "make fuzz      the property-based fuzz suite at length (thousands of inputs per surface)"
+	@echo "make fuzz      the fuzz suite at length (thousands of inputs per surface) and every fault 8 times"
+	@echo "make soak      many clients for a few minutes: does the relay give back what it took?"
 	@echo "make format    apply ruff's formatter and safe fixes"
 	@echo "make clean     remove the virtualenv and caches"
 
@@ -51,9 +52,14 @@ format: $(STAMP)
 test: lint browser tools redis
 	$(BIN)/pytest
 
-# The fuzz suite at length (thousands of inputs per surface; make test runs a few dozen).
-fuzz: $(STAMP)
+# The fuzz and fault suites at length (make test runs a few dozen inputs, each fault twice).
+fuzz: $(STAMP) redis
 	HYPOTHESIS_PROFILE=long $(BIN)/pytest --hypothesis-show-statistics tests/fuzz
+	FAULT_ROUNDS=8 $(BIN)/pytest -s tests/faults
+
+# A bounded soak against the emulator (bench/soak.py --help for longer runs).
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py
 
 test-fast: $(STAMP)
 	$(BIN)/pytest

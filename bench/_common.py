@@ -7,6 +7,7 @@ import contextlib
 import socket
 import subprocess
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 
@@ -22,12 +23,12 @@ def free_port() -> int:
 
 @contextlib.asynccontextmanager
 async def server_process(
-    *command: str, env: dict[str, str] | None = None
+    *command: str, env: dict[str, str] | None = None, log: Path | None = None
 ) -> AsyncIterator[asyncio.subprocess.Process]:
-    """Run a server for the duration of the block; terminate it (kill if it lingers) afterwards."""
-    process = await asyncio.create_subprocess_exec(
-        *command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    """Run a server for the duration of the block; terminate it (kill if it lingers) afterwards.
+    Its output goes to ``log`` when given, else nowhere."""
+    out = log.open("ab") if log is not None else subprocess.DEVNULL
+    process = await asyncio.create_subprocess_exec(*command, env=env, stdout=out, stderr=out)
     try:
         yield process
     finally:
@@ -37,6 +38,8 @@ async def server_process(
                 await process.wait()
         except TimeoutError:
             process.kill()
+        if log is not None and not isinstance(out, int):
+            out.close()
 
 
 async def wait_until_up(url: str) -> None:

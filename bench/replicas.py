@@ -204,10 +204,16 @@ async def drive(args: argparse.Namespace) -> list[Result]:
         print(_row(result))
     base = results[0]
     for result in results[1:] if base.setup == "memory" else []:
+        # CPU time comes in 10 ms ticks: a run too short to register one has no ratio.
+        ratio = (
+            result.relay_cpu_us_per_frame / base.relay_cpu_us_per_frame
+            if base.relay_cpu_us_per_frame
+            else None
+        )
         print(
             f"{result.setup} vs memory: p50 added {result.p50_ms - base.p50_ms:+.3f} ms, "
             f"p99 added {result.p99_ms - base.p99_ms:+.3f} ms, CPU per delivered frame "
-            f"{result.relay_cpu_us_per_frame / base.relay_cpu_us_per_frame:.2f}x, "
+            f"{f'{ratio:.2f}x' if ratio is not None else 'n/a (too short to measure)'}, "
             f"{result.redis_commands_per_event:.2f} Redis commands per event"
         )
     return results

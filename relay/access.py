@@ -32,6 +32,7 @@ from starlette.websockets import WebSocket
 from relay.asgi import TOKEN_SUBPROTOCOL
 from relay.config import RelayConfig
 from relay.errors import (
+    BadRequest,
     OriginNotAllowed,
     RelayError,
     TooManyRequests,
@@ -50,6 +51,17 @@ _PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
 # The page's shell and assets: nothing in them is private; the data they load is guarded.
 _PAGE = ("/", "/static/")
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Headers the origin rule reads: a request that carries one of them twice is refused, since
+# the two copies could be read differently here and by whatever stands in front.
+_SINGLE = (b"origin", b"host", b"x-forwarded-host")
+
+
+def _repeated(scope: Scope) -> BadRequest | None:
+    seen = [key for key, _ in scope["headers"] if key in _SINGLE]
+    for name in _SINGLE:
+        if seen.count(name) > 1:
+            return BadRequest(f"the request carries more than one {name.decode()} header", "duplicate_header")
+    return None
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -102,8 +114,8 @@ class AccessControl:
         for key, value in scope["headers"]:
             if key == b"authorization":
                 scheme, _, credentials = value.decode("latin-1").partition(" ")
-                if scheme.lower() == "bearer" and self._matches(credentials.strip()):
-                    found = True
+                if scheme.lower() == "bearer":  # the relay's to check; no guess goes on to ComfyUI
+                    found = self._matches(credentials.strip()) or found
                     continue
             headers.append((key, value))
         scope["headers"] = headers
@@ -121,10 +133,12 @@ class AccessControl:
     # Sockets -----------------------------------------------------------------------------
 
     async def _socket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self.origin_allowed(scope):
-            error: RelayError = OriginNotAllowed(
-                "this page's origin may not open relay sockets (RELAY_ALLOWED_ORIGINS)"
-            )
+        repeated = _repeated(scope)
+        if repeated is not None:
+            error: RelayError = repeated
+            reason = "bad_headers"
+        elif not self.origin_allowed(scope):
+            error = OriginNotAllowed("this page's origin may not open relay sockets (RELAY_ALLOWED_ORIGINS)")
             reason = "origin"
         elif self._token is not None and not self._take_token(scope, socket=True):
             error = Unauthorized(
@@ -147,10 +161,12 @@ class AccessControl:
             await self.app(scope, receive, send)
             return
         public = path == _PAGE[0] or path.startswith(_PAGE[1])
-        if scope["method"] not in _SAFE_METHODS and not self.origin_allowed(scope):
-            error: RelayError = OriginNotAllowed(
-                "requests from this origin are not allowed (RELAY_ALLOWED_ORIGINS)"
-            )
+        repeated = _repeated(scope)
+        if repeated is not None:
+            error: RelayError = repeated
+            reason = "bad_headers"
+        elif scope["method"] not in _SAFE_METHODS and not self.origin_allowed(scope):
+            error = OriginNotAllowed("requests from this origin are not allowed (RELAY_ALLOWED_ORIGINS)")
             reason = "origin"
         elif self._token is not None and not public and not self._take_token(scope, socket=False):
             error = Unauthorized("a valid token is required (Authorization: Bearer, or ?token=)")

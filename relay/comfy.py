@@ -246,8 +246,21 @@ class ComfyClient:
             "POST", path, content=orjson.dumps(body), headers={"Content-Type": "application/json"}
         )
 
+    async def queue_items(self) -> list[list[Any]]:
+        """ComfyUI's queue, running first: ``[number, prompt_id, prompt, extra_data, ...]`` each.
+
+        Raises:
+            UpstreamUnavailable, UpstreamTimeout: ComfyUI could not be asked.
+        """
+        running, pending = await self._queue_answer()
+        return running + pending
+
     async def _queue_lists(self) -> tuple[set[str], set[str]]:
         """Ids running and ids waiting."""
+        running, pending = await self._queue_answer()
+        return {str(i[1]) for i in running}, {str(i[1]) for i in pending}
+
+    async def _queue_answer(self) -> tuple[list[list[Any]], list[list[Any]]]:
         answer = await self.request("GET", "/queue")
         if answer.status != 200:
             raise UpstreamUnavailable(f"ComfyUI answered GET /queue with HTTP {answer.status}")
@@ -257,10 +270,12 @@ class ComfyClient:
             raise UpstreamUnavailable(
                 f"ComfyUI's /queue answer is not JSON: {answer.content[:80]!r}"
             ) from None
-        lists: list[set[str]] = []
+        lists: list[list[list[Any]]] = []
         for key in ("queue_running", "queue_pending"):
             items = body.get(key, []) if isinstance(body, dict) else []
-            lists.append({str(i[1]) for i in items if isinstance(i, list) and len(i) > 1})
+            lists.append(
+                [i for i in items if isinstance(i, list) and len(i) > 1] if isinstance(items, list) else []
+            )
         return lists[0], lists[1]
 
     async def queue_ids(self) -> set[str]:

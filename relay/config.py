@@ -55,6 +55,11 @@ class RelayConfig:
     # Limits
     # Events kept per client for resuming with ?since=.
     ring_size: int = 2048
+    # Seconds an idle client's session (its events, for resuming) is kept after its last tab
+    # left and its last prompt ended.
+    session_ttl: float = 600.0
+    # Seconds between full passes of Python's cycle collector (0: leave it to the collector).
+    gc_interval: float = 60.0
     # Shared state: each client's events also go to a Redis Stream, so a tab can resume after
     # the relay restarts ('': in memory only).
     redis_url: str = ""
@@ -110,7 +115,13 @@ class RelayConfig:
             raise ConfigError(f"COMFYUI_URL must be an http(s) URL, not {self.comfyui_url!r}")
         if self.log_format not in ("console", "json"):
             raise ConfigError(f"RELAY_LOG_FORMAT must be console or json, not {self.log_format!r}")
-        for name in ("upstream_grace", "reconnect_initial", "reconnect_max", "upstream_connect_timeout"):
+        for name in (
+            "upstream_grace",
+            "reconnect_initial",
+            "reconnect_max",
+            "upstream_connect_timeout",
+            "session_ttl",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
         if self.detached_poll_interval <= 0 or self.upstream_check_timeout <= 0:
@@ -200,6 +211,8 @@ DESCRIPTIONS: dict[str, str] = {
     "http_read_timeout": "read timeout for HTTP requests to ComfyUI, seconds",
     "http_max_connections": "most HTTP connections to ComfyUI at once",
     "ring_size": "events kept per client for resuming with ?since=",
+    "session_ttl": "seconds an idle client's events are kept for resuming after its last tab left",
+    "gc_interval": "seconds between full passes of the cycle collector (0: leave it to Python)",
     "redis_url": "Redis for shared state: several replicas, resumes across restarts ('': memory only)",
     "redis_event_ttl": "seconds a client's event stream stays in Redis after its last event",
     "lease_ttl": "seconds a relay holds a client's ComfyUI socket without renewing (with Redis)",
@@ -241,6 +254,8 @@ ENV_NAMES: dict[str, str] = {
     "http_read_timeout": "RELAY_HTTP_READ_TIMEOUT",
     "http_max_connections": "RELAY_HTTP_MAX_CONNECTIONS",
     "ring_size": "RELAY_RING_SIZE",
+    "session_ttl": "RELAY_SESSION_TTL",
+    "gc_interval": "RELAY_GC_INTERVAL",
     "redis_url": "RELAY_REDIS_URL",
     "redis_event_ttl": "RELAY_REDIS_EVENT_TTL",
     "lease_ttl": "RELAY_LEASE_TTL",

@@ -306,6 +306,9 @@ class RedisBacklog:
         self.degraded = False  # Redis could not be written: events went to the tabs unwritten
         self._delivered_upto = 0  # events handed over without being written (Redis away)
         self.stopped = False
+        self.written_upto = 0  # the last seq Redis has
+        # Set (and replaced) after every attempt to write: what :meth:`flushed` waits on.
+        self._progress = asyncio.Event()
 
     async def open(self) -> tuple[str, int]:
         """The stream's epoch and last seq (see :meth:`RedisLog.open`)."""
@@ -326,11 +329,30 @@ class RedisBacklog:
         self._records[prompt_id] = record
         self._wake()
 
+    async def flushed(self, seq: int) -> bool:
+        """Until Redis has the events up to ``seq``, and the prompt records written with them;
+        False when it cannot have them now (Redis away, or another relay holds the client)."""
+        while self.written_upto < seq and not self.stopped and not self.degraded:
+            if not self._pending and not self._records:
+                break  # nothing on its way: written, or never kept here
+            await self._progress.wait()
+        return self.written_upto >= seq
+
+    def _attempted(self) -> None:
+        self._progress.set()
+        self._progress = asyncio.Event()
+
     def _wake(self) -> None:
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write(), name=f"eventlog-{self.log.client_id}")
 
     async def _write(self) -> None:
+        try:
+            await self._write_pending()
+        finally:
+            self._attempted()
+
+    async def _write_pending(self) -> None:
         delay = 0.1
         while (self._pending or self._records) and not self.stopped:
             batch = list(self._pending)[:_BATCH]
@@ -358,6 +380,7 @@ class RedisBacklog:
                     log.warning("events not written to Redis; retrying", client_id=self.log.client_id,
                                 pending=len(self._pending), error=str(exc))  # fmt: skip
                 self.degraded = True
+                self._attempted()
                 # The tabs here go on: what they get now is written once Redis is back.
                 for entry in self._pending:
                     if entry.seq > self._delivered_upto:
@@ -382,8 +405,10 @@ class RedisBacklog:
             if in_flight != -2:
                 self.in_flight = in_flight
             last = batch[-1].seq if batch else 0
+            self.written_upto = max(self.written_upto, last)
             while self._pending and self._pending[0].seq <= last:
                 self._deliver(self._pending.popleft())
+            self._attempted()
             if was > 0 and self.in_flight == 0:
                 with contextlib.suppress(RedisError, OSError):
                     await self._mark(False)

@@ -58,7 +58,7 @@ def send_message(payload: str | bytes) -> Message:
 class Outgoing:
     """A frame waiting in a subscriber's queue."""
 
-    __slots__ = ("alive", "key", "message", "size")
+    __slots__ = ("alive", "counted", "key", "message", "size")
 
     def __init__(
         self, payload: str | bytes | Message, key: Key | None = None, size: int | None = None
@@ -72,6 +72,8 @@ class Outgoing:
         self.size = size if size is not None else length
         self.key = key
         self.alive = True
+        # Live frames count against the subscriber's limits; the greeting and replay do not.
+        self.counted = True
 
 
 class Subscriber:
@@ -138,6 +140,16 @@ class Subscriber:
         """Queue a frame without waiting. Never raises; a hopeless subscriber is marked for closing."""
         self.deliver(frame.message, frame.key, frame.size)
 
+    def preload(self, payload: str | bytes) -> None:
+        """Queue a frame of the greeting (hello, a replayed event, a snapshot) before
+        :meth:`start`. These are what the tab asked for on connecting, however many: they do
+        not count against the limits that live frames are held to, so a resume that replays
+        more than ``limit`` events is delivered rather than closed as too slow."""
+        assert not self._started
+        frame = Outgoing(payload)
+        frame.counted = False
+        self._queue.append(frame)
+
     def deliver(self, message: Message, key: Key | None, size: int) -> None:
         """Hand over a frame without waiting. Never raises; a hopeless subscriber is marked for closing.
 
@@ -200,6 +212,8 @@ class Subscriber:
     def _kill(self, frame: Outgoing) -> None:
         """Drop a queued frame in place; the writer skips it."""
         frame.alive = False
+        if not frame.counted:
+            return
         self._live -= 1
         self._bytes -= frame.size
         if frame.key is not None and self._by_key.get(frame.key) is frame:
@@ -387,6 +401,10 @@ class Channel:
         self._other_languages = 0
         # Where events are also kept (Redis), so that a tab can resume after a relay restart.
         self.backlog: Backlog | None = None
+
+    def forget(self) -> None:
+        """Drop the kept events (the session is gone)."""
+        self._ring.clear()
 
     def restart_at(self, epoch: str, seq: int) -> None:
         """Continue the stream ``epoch`` after ``seq`` (what Redis holds); the ring starts over."""

@@ -19,6 +19,20 @@ def _orjson_dumps(value: Any, **_: Any) -> str:
     return orjson.dumps(value, default=str).decode()
 
 
+class _ClientFaults(logging.Filter):
+    """A client's bad frame is the client's fault, not the relay's: uvicorn logs some (a text
+    frame that is not UTF-8) as an error with a traceback, which any client could repeat to
+    flood the log. They become one-line warnings."""
+
+    _MESSAGES = ("Invalid UTF-8 sequence received from client",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and str(record.msg).startswith(self._MESSAGES):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def configure_logging(fmt: str = "console", level: str = "info") -> None:
     """Configure structlog and the standard library once, at start-up (never at import)."""
     shared: list[Any] = [
@@ -57,6 +71,11 @@ def configure_logging(fmt: str = "console", level: str = "info") -> None:
         uvicorn_logger = logging.getLogger(name)
         uvicorn_logger.handlers[:] = []
         uvicorn_logger.propagate = True
+    client_faults = _ClientFaults()
+    if not any(isinstance(f, _ClientFaults) for f in logging.getLogger("uvicorn.error").filters):
+        logging.getLogger("uvicorn.error").addFilter(client_faults)
+    # The form parser warns of every malformed upload, which the client is told of (400).
+    logging.getLogger("python_multipart").setLevel(max(logging.ERROR, root.level))
     # The HTTP client logs every request at INFO: one line per proxied download is noise.
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))

@@ -12,11 +12,12 @@ types, statuses, route templates) and the workflow names in ``workflows/``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -61,6 +62,10 @@ class Metrics:
         self.registry = CollectorRegistry()
         registry = self.registry
         Gauge("relay_info", "The relay's version", ["version"], registry=registry).labels(__version__).set(1)
+        # The process's memory, open file descriptors and CPU (process_*), and the cycle
+        # collector's passes (python_gc_*), for leak watching.
+        ProcessCollector(registry=registry)
+        GCCollector(registry=registry)
         self.events = Counter(
             "relay_events_total", "Relay events published to clients, by type", ["type"], registry=registry
         )
@@ -181,6 +186,13 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+def _tasks() -> int:
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:  # scraped outside the loop
+        return 0
+
+
 class _LiveCollector:
     """Gauges read from a LiveState when Prometheus scrapes."""
 
@@ -220,6 +232,9 @@ class _LiveCollector:
         yield prompts
         yield GaugeMetricFamily(
             "relay_clients", "Client ids with a session on this relay", value=live.clients
+        )
+        yield GaugeMetricFamily(
+            "relay_asyncio_tasks", "Tasks alive in the relay's event loop", value=_tasks()
         )
         yield GaugeMetricFamily(
             "relay_subscriber_queue_frames",

@@ -35,6 +35,10 @@ class PreviewStore:
         while len(self._items) > self.slots:
             self._items.popitem(last=False)
 
+    def forget(self) -> None:
+        """Drop every kept preview (the session is gone)."""
+        self._items.clear()
+
     def url(self, prompt_id: str, node: str, version: int) -> str:
         """Where a preview is served; ``version`` makes each new image a new URL for caches."""
         path = "/".join(quote(part, safe="") for part in (self.client_id, prompt_id, node))

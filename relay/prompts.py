@@ -8,6 +8,8 @@ ComfyUI's refusal passes back unchanged and leaves no trace; its acceptance is p
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
 from typing import Any
@@ -23,6 +25,9 @@ from relay.plans import build_plan, failed_outputs
 from relay.routing import CLIENT_ID, canonical_uuid, routed_prompt
 from relay.state import Lifespan
 from relay.workflows import Workflow
+
+# Longest POST /prompt waits, with Redis, for Redis to have the prompt before answering.
+_DURABLE_WAIT = 2.0
 
 __all__ = [
     "cancel_prompt",
@@ -213,6 +218,13 @@ async def _submit(
                 graph, output_classes, targets=targets, skip_outputs=skip, names=names, workflow=workflow_name
             )
         session.apply(session.translator.accept(prompt_id, accepted.get("number"), time.monotonic(), plan))
+        if session.backlog is not None:
+            # With Redis, answer once Redis has the prompt: a relay that dies right after
+            # leaves it to the next one (found by tests/faults: a prompt accepted a moment
+            # before a SIGKILL was never reported). Redis slow or away: answer anyway.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_DURABLE_WAIT):
+                    await session.backlog.flushed(session.channel.assigned)
         answer_body = {**accepted, "client_id": client_id}
         if workflow_name is not None:
             answer_body["workflow"] = workflow_name

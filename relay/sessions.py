@@ -35,7 +35,9 @@ from relay.fanout import Channel, Subscriber
 from relay.lease import Lease
 from relay.metrics import LiveState, Metrics
 from relay.observers import Observer
+from relay.plans import build_plan
 from relay.previews import PreviewStore
+from relay.routing import CLIENT_KEY
 from relay.translator import Estimates, StepTiming, Translation, Translator
 from relay.upstream import State, Upstream
 
@@ -50,8 +52,6 @@ Role = Literal["local", "owner", "follower"]
 
 log = structlog.get_logger("relay.session")
 
-# How long a session with nothing open and nothing running is kept for resuming.
-SESSION_TTL = 600.0
 # Longest a client's session may take to close at shutdown (its socket's closing handshake,
 # events still to write, the handover), within Kubernetes' grace period.
 _CLOSE_LIMIT = 12.0
@@ -96,6 +96,9 @@ class ClientSession:
         self._feed_reset = False
         # Prompts taken over from another relay, to reconcile once the socket is open.
         self._adopted = False
+        # Until the first socket opens: then, without Redis, look for prompts of this client
+        # that ComfyUI still has and this relay does not know (it restarted).
+        self._fresh = True
         # Whether another relay has tabs of this client that want ComfyUI's frames.
         self.raw_elsewhere = False
         self.upstream = Upstream(client_id, self, config)
@@ -468,6 +471,17 @@ class ClientSession:
                 await self.lease.release()
             self.log.info("handed the client over", prompts=len(self.translator.active()), handoff=handoff)
 
+    def forget(self) -> None:
+        """Drop what a reaped session holds (its events, previews, prompts) at once. Parts of a
+        session refer to each other (its socket's callbacks, tasks), so it waits for the
+        collector's full pass, which the relay makes rare (``relay.server.tune_gc``): without
+        this its ring and previews would wait with it."""
+        self.channel.forget()
+        self.previews.forget()
+        self.translator = Translator(file_url=self._file_url, preview_url=self.previews.url)
+        self.routes.clear()
+        self.detached.clear()
+
     # Routing ----------------------------------------------------------------------------
 
     def route(self, prompt_id: str) -> str:
@@ -586,6 +600,9 @@ class ClientSession:
 
     async def on_connected(self, reconnected: bool) -> None:
         adopted, self._adopted = self._adopted, False
+        fresh, self._fresh = self._fresh, False
+        if fresh and self.cluster is None:
+            await self._find_orphans()
         if reconnected:
             self.metrics.upstream_reconnects.inc()
             self._check_routes()
@@ -599,6 +616,46 @@ class ClientSession:
             )
         if reconnected or adopted:
             await self.reconcile()
+
+    async def _find_orphans(self) -> None:
+        """Follow the prompts of this client that ComfyUI still runs or holds but this relay
+        does not know: a relay without Redis forgets them when it restarts. Their progress
+        goes to the old relay's socket, so they are followed as detached prompts: announced
+        (``relay.queued``, ``relay.detached``) and ended from ComfyUI's history."""
+        try:
+            items = await self.comfy.queue_items()
+        except RelayError as exc:
+            self.log.warning("could not look for prompts this relay forgot", reason=exc.message)
+            return
+        found: list[tuple[str, Any, Any, dict[str, Any]]] = []
+        for item in items:
+            number, prompt_id, graph = item[0], str(item[1]), item[2] if len(item) > 2 else None
+            extra = item[3] if len(item) > 3 else None
+            if not isinstance(extra, dict) or extra.get(CLIENT_KEY) != self.client_id:
+                continue
+            if isinstance(graph, dict) and not self.translator.knows(prompt_id):
+                found.append((prompt_id, number, graph, extra))
+        for prompt_id, number, graph, extra in found:
+            try:
+                classes = {str(node.get("class_type")) for node in graph.values() if isinstance(node, dict)}
+                plan = build_plan(graph, await self.comfy.output_classes(classes))
+            except RelayError as exc:
+                self.log.warning(
+                    "could not follow a forgotten prompt", prompt_id=prompt_id, reason=exc.message
+                )
+                continue
+            now = time.monotonic()
+            self.translator.register(prompt_id, plan, now)
+            self.routes[prompt_id] = str(extra.get("client_id") or "")
+            self.apply(
+                self.translator.accept(prompt_id, number if isinstance(number, (int, float)) else None, now)
+            )
+        if found:
+            self.log.info("following prompts this relay had forgotten", prompt_ids=[f[0] for f in found])
+            self._check_routes(
+                "the relay restarted while this prompt was in ComfyUI's queue; ComfyUI sends its "
+                "progress to the relay's old socket, so only its end can be reported"
+            )
 
     def _attached(self) -> set[str]:
         return {p for p in self.translator.active() if p not in self.detached}
@@ -769,9 +826,10 @@ class Sessions:
                 await session.upstream.close()
                 if session.role == "owner":
                     await session.release()
-            if idle >= SESSION_TTL:
+            if idle >= self.config.session_ttl:
                 del self._sessions[session.client_id]
                 await session.close()
+                session.forget()
 
     async def close(self) -> None:
         if self._reaper is not None:

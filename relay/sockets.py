@@ -201,20 +201,16 @@ def _greet(  # noqa: PLR0917 - one call site, every argument a different thing
             assigned=params.client_id is None,
             missed=len(replay) if replay is not None else None,
         )
-        subscriber.offer(Outgoing(channel.stamp(hello, seq=at, lang=lang)))
-        if replay is not None:
-            for payload in replay:
-                subscriber.offer(Outgoing(payload))
-        else:
-            for payload in snapshots:
-                subscriber.offer(Outgoing(payload))
+        subscriber.preload(channel.stamp(hello, seq=at, lang=lang))
+        for payload in replay if replay is not None else snapshots:
+            subscriber.preload(payload)
     if subscriber.wants_comfy:
         remaining = session.translator.queue_remaining or 0
         status = {
             "type": "status",
             "data": {"status": {"exec_info": {"queue_remaining": remaining}}, "sid": session.client_id},
         }
-        subscriber.offer(Outgoing(orjson.dumps(status).decode()))
+        subscriber.preload(orjson.dumps(status).decode())
 
 
 async def _read_client(session: ClientSession, subscriber: Subscriber) -> None:

@@ -40,6 +40,9 @@ class _Form:
 
     fields: dict[str, str] = field(default_factory=dict)
     first_file: tuple[str, str] | None = None
+    file_parts: set[str] = field(default_factory=set)
+    # What is wrong with a file part after the first (checked as each one's headers end).
+    later_problem: BadRequest | None = None
     _headers: dict[str, bytes] = field(default_factory=dict)
     _part: dict[str, str] = field(default_factory=dict)
     _name: bytes = b""
@@ -59,8 +62,17 @@ class _Form:
 
         def headers_finished() -> None:
             self._part = self._disposition()
-            if "filename" in self._part and self.first_file is None:
-                self.first_file = (self._part.get("name", ""), self._part["filename"])
+            if "filename" in self._part:
+                name, filename = self._part.get("name", ""), self._part["filename"]
+                if self.first_file is None:
+                    self.first_file = (name, filename)
+                elif name in self.file_parts and self.later_problem is None:
+                    # Servers disagree on which of two same-named parts counts: refuse both.
+                    self.later_problem = BadRequest(f"the form has more than one '{name}' file part",
+                                                    "invalid_upload")  # fmt: skip
+                elif not _plain(filename) and self.later_problem is None:
+                    self.later_problem = BadRequest(_PLAIN, "bad_filename")
+                self.file_parts.add(name)
 
         def part_data(data: bytes, start: int, end: int) -> None:
             # Called for every chunk of a file: keep it cheap, keep only small text fields.
@@ -98,8 +110,25 @@ def _multipart(request: Request, limit: int) -> bytes:
     return boundary
 
 
+def _plain(filename: str) -> bool:
+    return upstream_safe_name(filename) and "/" not in filename
+
+
+_PLAIN = "the file name must be a plain name (no '/', no '..')"
+
+
+def _text_only(form: _Form, names: tuple[str, ...]) -> None:
+    """ComfyUI reads these as text; sent as a file part, it fails on them with a 500."""
+    if form.later_problem is not None:
+        raise form.later_problem
+    for name in names:
+        if name in form.file_parts:
+            raise BadRequest(f"'{name}' must be a text field, not a file part", "invalid_upload")
+
+
 def _check_fields(form: _Form, *, mask: bool) -> None:
     """Fields complete so far; raise for the first unsafe one."""
+    _text_only(form, ("subfolder", "type", "overwrite", "original_ref"))
     if "image" in form.fields:
         raise BadRequest("'image' must be a file part, not a text field", "invalid_upload")
     if not upstream_safe_subfolder(form.fields.get("subfolder", "")):
@@ -115,12 +144,13 @@ def _check_file(form: _Form, part: str = "image") -> None:
     name, filename = form.first_file or ("", "")
     if name != part:
         raise BadRequest(f"the form needs a '{part}' file part", "invalid_upload")
-    if not upstream_safe_name(filename) or "/" in filename:
-        raise BadRequest("the file name must be a plain name (no '/', no '..')", "bad_filename")
+    if not _plain(filename):
+        raise BadRequest(_PLAIN, "bad_filename")
 
 
 def _check_asset_fields(form: _Form) -> None:
     """An asset's fields: a plain name, if one is given, and no file sent as text."""
+    _text_only(form, ("name", "tags", "user_metadata", "hash", "mime_type"))
     if "file" in form.fields:
         raise BadRequest("'file' must be a file part, not a text field", "invalid_upload")
     name = form.fields.get("name")

@@ -138,6 +138,14 @@ async def test_token_is_taken_out_before_forwarding() -> None:
     assert forwarded["query_string"] == b"filename=a.png&type=output"
     assert forwarded["headers"] == [(b"accept", b"*/*")]
 
+    # A wrong bearer beside the right query token is not passed on either: guesses stay here.
+    wrong: Scope = {
+        "type": "http", "method": "GET", "path": "/view", "query_string": f"token={TOKEN}".encode(),
+        "headers": [(b"authorization", b"Bearer not-the-token-at-all"), (b"accept", b"*/*")],
+    }  # fmt: skip
+    await guard(wrong, receive, send)
+    assert seen[1]["headers"] == [(b"accept", b"*/*")]
+
 
 def test_weak_or_unusable_tokens_are_refused_at_start() -> None:
     """A short token, or one that cannot travel in a URL or subprotocol, stops the relay from starting."""
@@ -179,6 +187,36 @@ async def test_same_origin_only_by_default(relay: Any, emulator: RunningEmulator
         assert forwarded.status_code == 200
         # Tools that are not browsers send no Origin and are not affected.
         assert (await http.post("/interrupt", json={})).status_code == 200
+
+
+async def test_a_repeated_origin_or_host_is_refused(relay: Any, emulator: RunningEmulator) -> None:
+    """Two Origin (or Host, or X-Forwarded-Host) headers could be read one way here and another
+    by a proxy in front: refused, 400 and 4400, whatever the copies say (found by fuzzing: the
+    first Origin alone was checked)."""
+    own = relay.url
+    # The WebSocket layer itself refuses a handshake with two Origin headers (HTTP 400).
+    with pytest.raises(websockets.InvalidStatus) as handshake:
+        await websockets.connect(
+            relay.ws_url + "?clientId=o",
+            additional_headers=[("Origin", own), ("Origin", "https://evil.example")],
+        )
+    assert handshake.value.response.status_code == 400
+    code, error = await refused(
+        relay.ws_url + "?clientId=o",
+        additional_headers=[("X-Forwarded-Host", "a"), ("X-Forwarded-Host", "b")],
+    )
+    assert (code, error["code"]) == (4400, "duplicate_header")
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.port)
+    head = (f"POST /interrupt HTTP/1.1\r\nHost: 127.0.0.1:{relay.port}\r\nOrigin: {own}\r\n"
+            "X-Forwarded-Host: a\r\nX-Forwarded-Host: b\r\nContent-Length: 2\r\n"
+            "Connection: close\r\n\r\n{}")  # fmt: skip
+    writer.write(head.encode())
+    answer = await reader.read()
+    writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 400 Bad Request"
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["error"]["type"] == "duplicate_header"
+    assert not any(path == "/interrupt" for _, path, _, _ in emulator.state.requests)
 
 
 async def test_allowed_origins_get_sockets_and_cors(emulator: RunningEmulator) -> None:

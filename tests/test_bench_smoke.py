@@ -59,14 +59,31 @@ def test_replicas_benchmark_runs(tmp_path: Path) -> None:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (make redis)")
     out = tmp_path / "replicas.json"
-    sizes = ["--subscribers", "3", "--events", "5", "--rate", "50", "--repeat", "1"]
+    # Enough events for CPU time to show: /proc counts it in 10 ms ticks.
+    sizes = ["--subscribers", "3", "--events", "40", "--rate", "100", "--repeat", "1"]
     command = [sys.executable, str(BENCH / "replicas.py"), *sizes, "--json", str(out)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=180, check=True)
     assert "redis-3 vs memory" in result.stdout
     rows = {row["setup"]: row for row in json.loads(out.read_text())}
     assert set(rows) == {"memory", "redis-1", "redis-3"}
     for row in rows.values():
-        assert row["delivered_frames"] >= 15  # five progress events to each of three tabs
+        assert row["delivered_frames"] >= 120  # forty progress events to each of three tabs
         assert row["relay_cpu_us_per_frame"] > 0
     assert rows["memory"]["redis_commands_per_event"] == 0
     assert rows["redis-1"]["redis_commands_per_event"] > 1  # each event's write, counted by Redis
+
+
+def test_soak_runs(tmp_path: Path) -> None:
+    """bench/soak.py drives clients through two short phases and reports growth against idle."""
+    out = tmp_path / "soak.json"
+    sizes = ["--phase", "3", "--phases", "2", "--clients", "3", "--settle", "60"]
+    command = [sys.executable, str(BENCH / "soak.py"), *sizes, "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False)
+    assert "growth: rss over the last phase" in result.stdout, result.stdout + result.stderr
+    row = json.loads(out.read_text())
+    assert row["prompts"] > 0
+    assert row["dones"] >= row["prompts"]  # every tab of every prompt, one at least each
+    assert [quiet["clients"] for quiet in row["after_phases"]] == [0, 0]  # every session reaped
+    for key in ("rss_mb", "fds", "tasks"):
+        assert row["idle"][key] > 0
+    assert (row["errors_5xx"], row["missing_dones"], row["foreign_events"]) == (0, 0, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 from typing import Any
 
 import httpx
+import websockets
 
 from relay.emulator import RunningEmulator
 from tests.relay_client import open_tab
@@ -60,6 +62,13 @@ async def test_json_logs_parse_line_by_line_with_context(emulator: RunningEmulat
             assert generated.status_code == 401
             assert len(generated.headers["x-request-id"]) == 32
             await tab.close()
+            # A text frame that is not UTF-8: closed with 1007, logged as one line, no traceback.
+            bad = await websockets.connect(f"ws://127.0.0.1:{port}/ws?clientId=logs&token={TOKEN}")
+            await bad.recv()
+            await bad.send(b"\xff\xfe not text", text=True)
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await bad.recv()
+            assert bad.close_code == 1007
         process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(20):
             _, stderr = await process.communicate()
@@ -103,5 +112,10 @@ async def test_json_logs_parse_line_by_line_with_context(emulator: RunningEmulat
     refusal = find(event="refused", reason="unauthorized", path="/queue")
     assert refusal
     assert refusal[0]["request_id"] == generated.headers["x-request-id"]
+    invalid = [line for line in lines if "Invalid UTF-8" in line["event"]]
+    assert len(invalid) == 1, invalid
+    assert invalid[0]["level"] == "warning", invalid
+    assert "exception" not in invalid[0]
+    assert "Traceback" not in text
     # Probes are logged at debug level only: the default info level leaves them out.
     assert not find(event="request", path="/readyz")

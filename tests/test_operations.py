@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 from typing import Any, cast
 
@@ -120,6 +121,9 @@ async def test_metrics_move_as_a_run_goes_through(relay: RunningRelay, emulator:
         assert value(during, "relay_browser_connections", events="relay") == 1
         assert value(during, "relay_upstream_sockets", state="connected") == 1
         assert value(during, "relay_clients") >= 1
+        assert value(during, "relay_asyncio_tasks") >= 1  # the upstream reader at least
+        assert value(during, "process_open_fds") >= 2  # the listening socket and this connection
+        assert value(during, "process_resident_memory_bytes") > 10_000_000
         assert moved("relay_events_total", type="relay.step") == len(tab.of("relay.step", prompt_id))
         assert moved("relay_events_total", type="relay.done") == 1
         assert moved("relay_prompts_total", status="success", workflow="text2img") == 1
@@ -260,7 +264,8 @@ def test_metric_names_follow_prometheus_conventions() -> None:
     families: list[Any] = list(metrics.registry.collect())
     assert families
     for family in families:
-        assert family.name.startswith("relay_")
+        # The relay's own, and the process and collector figures under their standard names.
+        assert family.name.startswith(("relay_", "process_", "python_gc_"))
         if family.type == "counter":
             assert all(s.name.endswith(("_total", "_created")) for s in family.samples)
         if family.type == "histogram":
@@ -280,3 +285,35 @@ async def test_metrics_need_no_token(emulator: RunningEmulator) -> None:
         assert (await http.get("/healthz")).status_code == 200
         assert (await http.get("/readyz")).status_code == 200
         assert (await http.get("/queue")).status_code == 401
+
+
+async def test_idle_sessions_are_dropped_and_garbage_collected(emulator: RunningEmulator) -> None:
+    """A client gone for RELAY_SESSION_TTL has its session dropped (relay_clients back to 0),
+    and the cycle collector's full pass runs every RELAY_GC_INTERVAL (python_gc_collections_total),
+    so what closed connections leave behind does not pile up (bench/soak.py measures it)."""
+    config = relay_config(emulator, session_ttl=0.2, gc_interval=0.2)
+    thresholds = gc.get_threshold()
+    gc.set_threshold(50_000, 50, 100)  # as a relay process sets them: full passes come only from the relay
+    try:
+        await _drop_and_collect(config)
+    finally:
+        gc.set_threshold(*thresholds)
+
+
+async def _drop_and_collect(config: RelayConfig) -> None:
+    async with run_relay(config) as relay, httpx.AsyncClient(base_url=relay.url, timeout=30) as http:
+        tab = await open_tab(relay.ws_url, "clientId=fleeting")
+        await tab.wait_type("relay.hello")
+        assert value(await scrape(http), "relay_clients") == 1
+        await tab.close()
+        full = {"generation": "2"}
+        passes = value(await scrape(http), "python_gc_collections_total", **full)
+        async with asyncio.timeout(20):
+            while True:
+                now = await scrape(http)
+                if (
+                    value(now, "relay_clients") == 0
+                    and value(now, "python_gc_collections_total", **full) > passes
+                ):
+                    break
+                await asyncio.sleep(0.05)

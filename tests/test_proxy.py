@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from urllib.parse import unquote
 
 import httpx
+import pytest
 
 from relay.emulator import RunningEmulator
 from relay.emulator.config import ComfyVersion
@@ -261,23 +262,39 @@ async def test_unsafe_uploads_never_reach_comfyui(
     assert reached(emulator, "/upload/mask") == []
 
 
+@pytest.mark.parametrize(
+    ("late_part", "kind"),
+    [
+        (b'Content-Disposition: form-data; name="subfolder"\r\n\r\n../../escape', "bad_subfolder"),
+        # ComfyUI fails with a 500 on a field it reads as text that came as a file (found by fuzzing).
+        (b'Content-Disposition: form-data; name="subfolder"; filename="x.png"\r\n\r\nx', "invalid_upload"),
+        # A second image part: ComfyUI takes the first, other servers the last (found by fuzzing).
+        (b'Content-Disposition: form-data; name="image"; filename="...."\r\n\r\nx', "invalid_upload"),
+        (b'Content-Disposition: form-data; name="extra"; filename="../../x.png"\r\n\r\nx', "bad_filename"),
+    ],
+)
 async def test_unsafe_field_after_the_file_aborts_the_upload(
-    relay_http: httpx.AsyncClient, emulator: RunningEmulator
+    relay_http: httpx.AsyncClient, emulator: RunningEmulator, late_part: bytes, kind: str
 ) -> None:
     """A browser may send subfolder after the file: the relay stops mid-way and ComfyUI stores nothing."""
     body = (
         b'--b\r\nContent-Disposition: form-data; name="image"; filename="late.png"\r\n'
         + b"Content-Type: image/png\r\n\r\n"
         + PNG * 200
-        + b'\r\n--b\r\nContent-Disposition: form-data; name="subfolder"\r\n\r\n../../escape\r\n--b--\r\n'
+        + b"\r\n--b\r\n"
+        + late_part
+        + b"\r\n--b--\r\n"
     )
     response = await relay_http.post(
         "/upload/image", content=body, headers={"Content-Type": "multipart/form-data; boundary=b"}
     )
     assert response.status_code == 400
-    assert response.json()["error"]["type"] == "bad_subfolder"
-    await asyncio.sleep(0.2)
-    assert not any(emulator.state.folders.input.rglob("late*.png"))
+    assert response.json()["error"]["type"] == kind
+    # A later upload on a new request has landed: the aborted one is over at ComfyUI by then.
+    later = await relay_http.post("/upload/image", files={"image": ("later.png", PNG, "image/png")})
+    assert later.status_code == 200, later.text
+    assert (emulator.state.folders.input / "later.png").exists()
+    assert not any(emulator.state.folders.input.rglob("late.png"))
     assert not (emulator.state.folders.input.parent / "escape").exists()
 
 
@@ -309,3 +326,22 @@ async def test_upload_limit(emulator: RunningEmulator) -> None:
     assert len(reached(emulator, "/upload/image")) == 2
     stored = sorted(p.name for p in emulator.state.folders.input.iterdir())
     assert stored == ["example.png", "small.png"]  # example.png: shipped in the input folder
+
+
+async def test_only_the_named_routes_reach_comfyui(
+    relay_http: httpx.AsyncClient, emulator: RunningEmulator
+) -> None:
+    """ComfyUI's routes a front end does not need (user files, settings, internals, the
+    manager) are not proxied: a JSON 404, and ComfyUI never hears of the request."""
+    paths = ["/userdata", "/api/userdata/workflows%2Fx.json", "/settings", "/api/settings/x",
+             "/internal/logs", "/api/internal/folder_paths", "/extensions",
+             "/api/manager/reboot"]  # fmt: skip
+    for path in paths:
+        for method in ("GET", "POST"):
+            answer = await relay_http.request(method, path, content=b"{}")
+            assert answer.status_code in (404, 405), (method, path, answer.status_code)
+            assert answer.json()["error"]["type"] in ("not_found", "method_not_allowed")
+    seen = {path for _, path, _, _ in emulator.state.requests}
+    private = ("/userdata", "/api/userdata", "/settings", "/api/settings", "/internal", "/api/internal",
+               "/extensions", "/api/manager")  # fmt: skip
+    assert not any(p.startswith(private) for p in seen), seen

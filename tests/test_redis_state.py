@@ -20,6 +20,7 @@ from relay.server import run_relay
 from tests.conftest import relay_config
 from tests.redis_server import RedisServer
 from tests.relay_client import open_tab
+from tests.tracekit import long_graph
 
 TEXT2IMG = json.loads(resources.files("relay.emulator").joinpath("examples/text2img.json").read_text())
 
@@ -122,3 +123,25 @@ async def test_readiness_says_when_redis_is_away(
         back = (await http.get("/readyz")).json()
         assert back["redis"] == {"reachable": True}
         assert "degraded" not in back
+
+
+async def test_an_accepted_prompt_is_in_redis_before_the_answer(
+    emulator: RunningEmulator, redis_server: RedisServer
+) -> None:
+    """With Redis, POST /prompt answers once Redis has the prompt's record: a relay killed the
+    moment after leaves it for the next one (found by tests/faults). Redis holds writes for a
+    moment here (CLIENT PAUSE ... WRITE); reads go on, and show the record by the answer."""
+    config = relay_config(emulator, redis_url=redis_server.url)
+    redis = redis_server.client()
+    try:
+        async with run_relay(config) as relay, httpx.AsyncClient(base_url=relay.url, timeout=30) as http:
+            tab = await open_tab(relay.ws_url, "clientId=durable")
+            await tab.wait_type("relay.upstream")  # the lease is taken, the socket to ComfyUI open
+            await redis.execute_command("CLIENT", "PAUSE", "600", "WRITE")
+            answer = await http.post("/prompt", json={"prompt": long_graph(), "client_id": "durable"})
+            assert answer.status_code == 200, answer.text
+            prompt_id = answer.json()["prompt_id"]
+            assert await redis.hexists("relay:{durable}:prompts", prompt_id)
+            await tab.close()
+    finally:
+        await redis.aclose()

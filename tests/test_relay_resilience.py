@@ -173,6 +173,61 @@ async def test_resume_with_since(relay: RunningRelay, relay_http: httpx.AsyncCli
     await back.close()
 
 
+async def test_resume_larger_than_the_subscriber_queue(emulator: RunningEmulator) -> None:
+    """A resume that replays more events than a tab's live queue holds gets them all: the
+    replay is what the tab asked for, not a sign that it is too slow (found by tests/faults:
+    such a tab was closed with 1013 at once, and again on every retry)."""
+    async with (
+        run_relay(relay_config(emulator, subscriber_queue=8)) as relay,
+        httpx.AsyncClient(base_url=relay.url, timeout=30) as http,
+    ):
+        watcher = await open_tab(relay.ws_url, "clientId=big-resume")
+        leaver = await open_tab(relay.ws_url, "clientId=big-resume")
+        hello = await leaver.wait_type("relay.hello")
+        await leaver.close()
+        prompt_id = await submit(http, TEXT2IMG, "big-resume")
+        await watcher.wait_done(prompt_id)
+        back = await open_tab(
+            relay.ws_url, f"clientId=big-resume&since={hello['seq']}&epoch={hello['epoch']}"
+        )
+        await back.wait_done(prompt_id)
+        assert back.events[0]["resumed"] is True
+        assert back.events[0]["missed"] > 8
+        assert stream(back) == stream(watcher)
+        assert not back.closed.is_set()
+        await watcher.close()
+        await back.close()
+
+
+async def test_restarted_relay_follows_prompts_comfyui_still_has(comfyui_version: ComfyVersion) -> None:
+    """Without Redis a restarted relay remembers nothing, but ComfyUI's queue names each
+    prompt's client: the client's first socket after the restart gets them announced, marked
+    detached, and ended from ComfyUI's history, once each (found by tests/faults)."""
+    async with run_emulator(EmulatorConfig(port=0, speed=5, comfyui_version=comfyui_version)) as emulator:
+        async with (
+            run_relay(relay_config(emulator)) as before,
+            httpx.AsyncClient(base_url=before.url) as http,
+        ):
+            tab = await open_tab(before.ws_url, "clientId=orphans")
+            hello = await tab.wait_type("relay.hello")
+            running = await submit(http, long_graph(steps=60), "orphans")
+            waiting = await submit(http, long_graph(steps=60), "orphans")
+            await tab.wait_type("relay.progress", running)
+            await tab.close()
+        async with run_relay(relay_config(emulator)) as after:
+            back = await open_tab(
+                after.ws_url, f"clientId=orphans&since={hello['seq']}&epoch={hello['epoch']}"
+            )
+            for prompt_id in (running, waiting):
+                done = await back.wait_done(prompt_id, timeout=60)
+                assert (done["status"], done["recovered"]) == ("success", True)
+                assert len(back.of("relay.queued", prompt_id)) == 1
+                assert len(back.of("relay.detached", prompt_id)) == 1
+                assert len(back.of("relay.done", prompt_id)) == 1
+            assert back.events[0]["resumed"] is False
+            await back.close()
+
+
 async def test_resume_gap_sends_snapshots(emulator: RunningEmulator) -> None:
     """When the buffer no longer covers the gap, the relay says so and sends each active prompt's state."""
     async with (

@@ -4,6 +4,10 @@ A relay and an emulated ComfyUI run for the whole module in a thread with its ow
 so that hypothesis drives them with plain blocking clients, example after example. The
 ``fast`` profile (the default, in ``make test``) tries a few dozen inputs per surface; ``make
 fuzz`` selects ``long`` (HYPOTHESIS_PROFILE=long) for thousands.
+
+A bystander, a client with a socket of its own, watches through every module: after the last
+example it runs a prompt of its own, and must have seen that prompt end and nothing else, on a
+socket that never closed. Whatever the fuzzing did, another client's stream was unaffected.
 """
 
 from __future__ import annotations
@@ -23,6 +27,12 @@ from hypothesis import HealthCheck, settings
 from relay.emulator import EmulatorConfig, RunningEmulator
 from relay.server import RunningRelay
 from tests.conftest import relay_config
+from tests.relay_client import Tab, open_tab
+from tests.tracekit import load_trace
+
+# The guarded relay's token and the one page origin it lets in.
+TOKEN = "fuzz-token-0123456789abcdef"
+ALLOWED_ORIGIN = "https://app.example"
 
 settings.register_profile(
     "fast", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
@@ -40,6 +50,8 @@ class Servers:
     relay: RunningRelay
     emulator: RunningEmulator
     loop: asyncio.AbstractEventLoop
+    bystander: Tab
+    token: str = ""
 
     def run(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(60)
@@ -57,23 +69,44 @@ class Servers:
         return httpx.get(f"{self.relay.url}/healthz", timeout=10).status_code == 200
 
 
-@pytest.fixture(scope="module")
-def servers() -> Iterator[Servers]:
+async def _check_bystander(running: Servers) -> None:
+    """The bystander runs a prompt of its own: it must end, and be all the bystander saw."""
+    tab = running.bystander
+    headers = {"Authorization": f"Bearer {running.token}"} if running.token else {}
+    async with httpx.AsyncClient(base_url=running.relay.url, headers=headers, timeout=30) as http:
+        body = {"prompt": load_trace("01").workflow(), "client_id": "bystander"}
+        answer = await http.post("/prompt", json=body)
+        assert answer.status_code == 200, answer.text
+        prompt_id = answer.json()["prompt_id"]
+    await tab.wait_done(prompt_id, timeout=60)
+    assert not tab.closed.is_set()
+    strangers = [e for e in tab.events if e.get("prompt_id") not in (None, prompt_id)]
+    assert not strangers, strangers[:3]
+    assert {e.get("client_id") for e in tab.events} <= {None, "bystander"}
+    await tab.close()
+
+
+def _serve(**overrides: Any) -> Iterator[Servers]:
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="fuzz-servers", daemon=True)
     thread.start()
+    token = str(overrides.get("token", ""))
 
     async def start() -> Servers:
         emulator = RunningEmulator(EmulatorConfig(port=0, speed=50))
         await emulator.start()
-        relay = RunningRelay(relay_config(emulator, max_http_requests=10_000))
+        relay = RunningRelay(relay_config(emulator, max_http_requests=10_000, **overrides))
         await relay.start()
-        return Servers(relay, emulator, loop)
+        query = "clientId=bystander" + (f"&token={token}" if token else "")
+        bystander = await open_tab(relay.ws_url, query)
+        await bystander.wait_type("relay.hello")
+        return Servers(relay, emulator, loop, bystander, token)
 
     started: Future[Servers] = asyncio.run_coroutine_threadsafe(start(), loop)
     running = started.result(60)
     try:
         yield running
+        running.run(_check_bystander(running))
     finally:
 
         async def stop() -> None:
@@ -84,3 +117,15 @@ def servers() -> Iterator[Servers]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[Servers]:
+    """A relay with the defaults: no token, same-origin pages only."""
+    yield from _serve()
+
+
+@pytest.fixture(scope="module")
+def guarded() -> Iterator[Servers]:
+    """A relay with a token and one allowed page origin."""
+    yield from _serve(token=TOKEN, allowed_origins=ALLOWED_ORIGIN)

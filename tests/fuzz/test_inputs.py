@@ -22,7 +22,7 @@ from websockets.sync.client import connect
 from tests.fuzz.conftest import Servers
 
 # Close codes docs/events.md lists for refused or ended sockets.
-DOCUMENTED_CLOSES = {1000, 1001, 1008, 1009, 1012, 1013, 4400, 4401, 4403, 4429}
+DOCUMENTED_CLOSES = {1000, 1001, 1007, 1008, 1009, 1012, 1013, 4400, 4401, 4403, 4429}
 
 # Pieces of path escapes, in the encodings that have fooled servers before.
 ESCAPES = ["..", "../", "..\\", "%2e%2e", "%2e%2e%2f", "..%2f", "%2e.", ".%2e", "%252e%252e", "%c0%ae%c0%ae",
