@@ -139,8 +139,9 @@ async def _collect_garbage(interval: float) -> None:
     """A full pass of the cycle collector every ``interval`` seconds. The relay process makes
     the collector's own full passes rare (``relay.server.tune_gc``) for fan-out latency, and
     every closed connection leaves a few cycles behind (the HTTP and WebSocket libraries'
-    objects refer to each other): without this pass they would pile up for hours. The pass
-    takes milliseconds; it is logged at debug level with what it found."""
+    objects refer to each other): without this pass they would pile up until that rare full
+    pass (bench/soak.py: about 12 MB per 30 s of load). Each pass is logged at debug level
+    with what it found and how long it took."""
     while True:
         await asyncio.sleep(interval)
         started = time.perf_counter()
