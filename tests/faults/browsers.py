@@ -85,7 +85,7 @@ class Browser:
             1 for c in self.connections[1:] if c and c[0]["type"] == "relay.hello" and not c[0]["resumed"]
         )
 
-    async def until(self, predicate: Any, timeout: float = 60.0, what: str = "") -> None:
+    async def until(self, predicate: Any, timeout: float = 60.0) -> None:
         async with asyncio.timeout(timeout):
             while not predicate():
                 self._changed.clear()
