@@ -121,6 +121,7 @@ class RelayConfig:
             "reconnect_max",
             "upstream_connect_timeout",
             "session_ttl",
+            "gc_interval",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")

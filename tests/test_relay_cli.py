@@ -38,6 +38,14 @@ def test_bad_setting_is_refused_clearly() -> None:
     assert result.returncode == 2
     assert "COMFYUI_URL must be an http(s) URL" in result.stderr
     assert "Traceback" not in result.stderr
+    # A negative interval would make the collector's pass run without pause.
+    for name in ("RELAY_GC_INTERVAL", "RELAY_SESSION_TTL"):
+        env = {**os.environ, name: "-1"}
+        result = subprocess.run(
+            [sys.executable, "-m", "relay", "serve"], capture_output=True, text=True, env=env, check=False
+        )
+        assert result.returncode == 2, name
+        assert "must not be negative" in result.stderr
 
 
 async def test_serve_logs_steps_as_json_and_stops_on_sigterm(emulator: RunningEmulator) -> None:
