@@ -34,6 +34,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -70,13 +71,13 @@ class Tally:
     failures: list[str] = field(default_factory=list)
 
 
-def example(steps: int, seed: int) -> dict[str, Any]:
-    """The emulator's text-to-image example with ``steps`` sampler steps and its own seed."""
-    from importlib import resources  # noqa: PLC0415 - only the soak needs it
+# The emulator's text-to-image example, read once.
+TEXT2IMG = resources.files("relay.emulator").joinpath("examples/text2img.json").read_text()
 
-    prompt: dict[str, Any] = json.loads(
-        resources.files("relay.emulator").joinpath("examples/text2img.json").read_text()
-    )
+
+def example(steps: int, seed: int) -> dict[str, Any]:
+    """The text-to-image example with ``steps`` sampler steps and its own seed."""
+    prompt: dict[str, Any] = json.loads(TEXT2IMG)
     prompt["3"]["inputs"].update(steps=steps, seed=seed)
     return prompt
 
@@ -336,7 +337,6 @@ def main() -> None:
     )
     parser.add_argument("--clients", type=int, default=40, help="concurrent clients")
     parser.add_argument("--speed", type=float, default=20.0, help="the emulator's speed-up")
-    parser.add_argument("--arena-max", type=int, default=0, help="MALLOC_ARENA_MAX for the relay (0: unset)")
     parser.add_argument("--settle", type=float, default=60.0, help="longest wait for the relay to go quiet")
     parser.add_argument(
         "--rss-slack", type=float, default=4.0, help="MB of growth allowed over the last phase"
