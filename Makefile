@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8190
 COMFYUI_PORT ?= 8188
 
-.PHONY: help venv browser tools redis lint format test test-fast fuzz soak demo emulator clean
+.PHONY: help venv browser tools redis s3 lint format test test-fast fuzz soak demo emulator clean
 
 help:
 	@echo "make demo      run the relay on http://$(HOST):$(PORT) with the built-in ComfyUI emulator"
@@ -40,6 +40,10 @@ tools:
 redis:
 	@bash scripts/install-redis.sh
 
+# An S3-compatible server (SeaweedFS) for the storage tests and bench/storage.py (build/tools).
+s3: $(STAMP)
+	@bash scripts/install-s3.sh
+
 lint: $(STAMP)
 	$(BIN)/ruff check relay tests bench
 	$(BIN)/ruff format --check relay tests bench
@@ -49,7 +53,7 @@ format: $(STAMP)
 	$(BIN)/ruff format relay tests bench
 	$(BIN)/ruff check --fix relay tests bench
 
-test: lint browser tools redis
+test: lint browser tools redis s3
 	$(BIN)/pytest
 
 # The fuzz and fault suites at length (make test runs a few dozen inputs, each fault twice).

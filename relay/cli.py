@@ -19,7 +19,7 @@ import uvicorn
 
 from relay import __version__
 from relay.app import create_app as create_relay_app
-from relay.config import DESCRIPTIONS, ENV_NAMES, ConfigError, RelayConfig
+from relay.config import DESCRIPTIONS, ENV_NAMES, ENV_ONLY, ConfigError, RelayConfig
 from relay.i18n import LANGUAGES
 from relay.logs import configure_logging
 from relay.server import RelayServer, run_relay, tune_gc
@@ -139,6 +139,8 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     defaults = RelayConfig()
     for name, env in ENV_NAMES.items():
+        if name in ENV_ONLY:
+            continue
         default = getattr(defaults, name)
         kind = type(default) if isinstance(default, (int, float)) else str
         parser.add_argument(

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from relay.i18n import LANGUAGES
 
-__all__ = ["DESCRIPTIONS", "ENV_NAMES", "ConfigError", "RelayConfig"]
+__all__ = ["DESCRIPTIONS", "ENV_NAMES", "SECRETS", "ConfigError", "RelayConfig"]
 
 LogFormat = Literal["console", "json"]
 
@@ -109,6 +109,41 @@ class RelayConfig:
     ready_timeout: float = 2.0
     # Seconds open requests and sockets get to finish on shutdown (SIGTERM) before being cut.
     shutdown_grace: int = 10
+    # Results in S3-compatible storage (relay.storage); off while s3_bucket is empty.
+    s3_bucket: str = ""
+    # The S3 API the relay writes to ('' for AWS at s3_region), and the one presigned URLs
+    # name, for browsers that reach the storage under another address ('': s3_endpoint).
+    s3_endpoint: str = ""
+    s3_public_endpoint: str = ""
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str = ""
+    s3_secret_access_key: str = ""
+    # Keys are {prefix}/{client_id}/{prompt_id}/{filename}.
+    s3_prefix: str = "comfy-relay"
+    # Bucket in the path (RustFS, MinIO, SeaweedFS, Garage), not in the host name.
+    s3_path_style: bool = True
+    # Which prompts' outputs are stored: "request" (those that ask, through extra_data.store
+    # or their workflow's "store") or "all".
+    s3_store: str = "request"
+    s3_url_expiry: int = 3600
+    # Multipart part size, bytes; the memory a file in transfer takes is about twice it.
+    s3_part_size: int = 8 * 1024 * 1024
+    # Tries per file, the first delay between them (doubling, with jitter), and files at once.
+    s3_attempts: int = 5
+    s3_backoff: float = 1.0
+    s3_concurrency: int = 4
+    # Webhooks (relay.webhooks): the Standard Webhooks signing secret ("whsec_" and base64),
+    # a URL told of every prompt, and the hosts a prompt may name in extra_data.webhook_url.
+    webhook_secret: str = ""
+    webhook_url: str = ""
+    webhook_allowed_hosts: str = ""
+    # Also send each step's start and end (prompt.step), not only prompt.done and prompt.stored.
+    webhook_steps: bool = False
+    webhook_attempts: int = 8
+    webhook_backoff: float = 2.0
+    webhook_timeout: float = 10.0
+    # A JSON Lines file that keeps each delivery given up on, payload included ('': log only).
+    webhook_dead_letter: str = ""
 
     def __post_init__(self) -> None:
         if not self.comfyui_url.startswith(("http://", "https://")):
@@ -154,6 +189,52 @@ class RelayConfig:
             raise ConfigError("RELAY_ADVERTISE_URL must be scheme://host[:port], no path")
         if self.ready_timeout <= 0 or self.shutdown_grace < 0:
             raise ConfigError("ready_timeout must be positive and shutdown_grace not negative")
+        self._check_storage()
+        self._check_webhooks()
+
+    def _check_storage(self) -> None:
+        for name in ("s3_endpoint", "s3_public_endpoint"):
+            value = getattr(self, name)
+            if value and not re.fullmatch(r"https?://[^/?#\s]+/?", value):
+                raise ConfigError(f"RELAY_{name.upper()} must be scheme://host[:port], no path")
+        if self.s3_store not in ("request", "all"):
+            raise ConfigError(f"RELAY_S3_STORE must be request or all, not {self.s3_store!r}")
+        if self.s3_bucket and bool(self.s3_access_key_id) != bool(self.s3_secret_access_key):
+            raise ConfigError("RELAY_S3_ACCESS_KEY_ID and RELAY_S3_SECRET_ACCESS_KEY go together")
+        if not 1 <= self.s3_url_expiry <= 7 * 24 * 3600:
+            raise ConfigError("s3_url_expiry must be between 1 second and 7 days (S3's limit)")
+        if not 5 * 1024 * 1024 <= self.s3_part_size <= 512 * 1024 * 1024:
+            raise ConfigError("s3_part_size must be between 5 MiB (S3's smallest part) and 512 MiB")
+        if self.s3_attempts < 1 or self.s3_concurrency < 1 or self.s3_backoff < 0:
+            raise ConfigError("s3_attempts and s3_concurrency must be at least 1, s3_backoff not negative")
+        if any(
+            part in ("", ".", "..") for part in self.s3_prefix.strip("/").split("/")
+        ) and self.s3_prefix.strip("/"):
+            raise ConfigError("RELAY_S3_PREFIX must not hold empty, '.' or '..' segments")
+
+    def _check_webhooks(self) -> None:
+        wanted = self.webhook_url or self.webhook_allowed_hosts
+        if wanted and not self.webhook_secret:
+            raise ConfigError(
+                "webhooks need RELAY_WEBHOOK_SECRET (whsec_ and a base64 key of 24 bytes or more)"
+            )
+        if self.webhook_secret:
+            from relay.webhooks import SecretError, signing_key  # noqa: PLC0415 - config is imported first
+
+            try:
+                signing_key(self.webhook_secret)
+            except SecretError as exc:
+                raise ConfigError(f"RELAY_WEBHOOK_SECRET: {exc}") from None
+        if self.webhook_url and not re.fullmatch(r"https?://[^\s#]+", self.webhook_url):
+            raise ConfigError("RELAY_WEBHOOK_URL must be an http(s) URL")
+        if self.webhook_attempts < 1 or self.webhook_backoff < 0 or self.webhook_timeout <= 0:
+            raise ConfigError("webhook_attempts must be at least 1, webhook_backoff not negative, "
+                              "webhook_timeout positive")  # fmt: skip
+
+    @property
+    def webhook_hosts(self) -> tuple[str, ...]:
+        """The hosts a prompt's webhook_url may name, lower-cased."""
+        return tuple(item.strip().lower() for item in self.webhook_allowed_hosts.split(",") if item.strip())
 
     @property
     def origins(self) -> tuple[str, ...]:
@@ -235,6 +316,28 @@ DESCRIPTIONS: dict[str, str] = {
     "max_http_requests": "most HTTP requests in progress at once (more get 429)",
     "ready_timeout": "seconds /readyz waits for ComfyUI",
     "shutdown_grace": "seconds requests and sockets get to finish on shutdown",
+    "s3_bucket": "bucket that prompts' output files are copied to ('': no storage)",
+    "s3_endpoint": "S3 API the relay writes to, scheme://host:port ('': AWS in s3_region)",
+    "s3_public_endpoint": "S3 API that presigned URLs name, for browsers ('': s3_endpoint)",
+    "s3_region": "region of the bucket (signing)",
+    "s3_access_key_id": "access key id for the bucket (from a Secret)",
+    "s3_secret_access_key": "secret access key for the bucket (from a Secret)",
+    "s3_prefix": "key prefix: {prefix}/{client_id}/{prompt_id}/{filename}",
+    "s3_path_style": "bucket in the URL path (RustFS, MinIO, SeaweedFS), not the host name",
+    "s3_store": "which prompts are stored: request (extra_data.store or the workflow's store) or all",
+    "s3_url_expiry": "seconds a presigned URL in relay.stored stays valid",
+    "s3_part_size": "multipart part size in bytes (memory per file in transfer is about twice it)",
+    "s3_attempts": "tries per file before it is reported failed",
+    "s3_backoff": "first delay between tries, seconds (doubles each try, with jitter)",
+    "s3_concurrency": "files copied to storage at once",
+    "webhook_secret": "Standard Webhooks signing secret, whsec_<base64> (from a Secret)",
+    "webhook_url": "URL told of every prompt's end ('': none)",
+    "webhook_allowed_hosts": "hosts extra_data.webhook_url may name, comma-separated (*.x.com: subdomains)",
+    "webhook_steps": "send prompt.step for each step's start and end too",
+    "webhook_attempts": "tries per delivery before it goes to the dead-letter log",
+    "webhook_backoff": "first delay between tries, seconds (doubles each try, with jitter)",
+    "webhook_timeout": "seconds a receiver has to answer one try",
+    "webhook_dead_letter": "JSON Lines file of deliveries given up on ('': the log only)",
 }
 
 ENV_NAMES: dict[str, str] = {
@@ -278,4 +381,10 @@ ENV_NAMES: dict[str, str] = {
     "max_http_requests": "RELAY_MAX_HTTP_REQUESTS",
     "ready_timeout": "RELAY_READY_TIMEOUT",
     "shutdown_grace": "RELAY_SHUTDOWN_GRACE",
+    **{name: f"RELAY_{name.upper()}" for name in DESCRIPTIONS if name.startswith(("s3_", "webhook_"))},
 }
+
+# Settings read from the environment only (a Kubernetes Secret), never a command-line flag that
+# any process on the host can read; the token keeps its flag from before this rule.
+SECRETS = frozenset({"token", "s3_access_key_id", "s3_secret_access_key", "webhook_secret"})
+ENV_ONLY = SECRETS - {"token"}

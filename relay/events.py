@@ -31,6 +31,7 @@ __all__ = [
     "Snapshot",
     "Started",
     "Step",
+    "Stored",
     "Text",
     "Upstream",
     "envelope",
@@ -187,7 +188,7 @@ class Detached(Event):
 @dataclass(frozen=True, slots=True)
 class Done(Event):
     type = "relay.done"
-    optional = frozenset({"error"})
+    optional = frozenset({"error", "storage"})
     prompt_id: str
     status: str  # success, error, interrupted, cancelled
     elapsed: float
@@ -197,6 +198,31 @@ class Done(Event):
     outputs: dict[str, Any]
     recovered: bool
     error: dict[str, Any] | None = None
+    # When the prompt's files go to storage: {"state": "storing", "bucket", "files": [{node,
+    # filename, kind, key}]}, each then told by a relay.stored. Storing never holds this back.
+    storage: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Stored(Event):
+    """One output file of an ended prompt, copied to storage (``stored``) or given up on
+    (``failed``, with the error); ``remaining`` of the prompt's files are still on their way."""
+
+    type = "relay.stored"
+    optional = frozenset({"url", "expires", "size", "content_type", "error"})
+    prompt_id: str
+    node: str
+    filename: str
+    kind: str
+    key: str
+    state: str  # stored, failed
+    attempts: int
+    remaining: int
+    url: str | None = None  # presigned GET, valid until ``expires`` (Unix seconds)
+    expires: float | None = None
+    size: int | None = None
+    content_type: str | None = None
+    error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

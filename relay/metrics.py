@@ -130,6 +130,27 @@ class Metrics:
             ["route", "direction"],
             registry=registry,
         )
+        self.webhook_deliveries = Counter(
+            "relay_webhook_deliveries_total",
+            "Webhook tries by outcome: delivered, retried (a try failed, another follows), dead",
+            ["outcome"],
+            registry=registry,
+        )
+        self.stored_files = Counter(
+            "relay_stored_files_total",
+            "Output files copied to S3-compatible storage, by outcome (stored, failed) and retries",
+            ["outcome"],
+            registry=registry,
+        )
+        self.stored_bytes = Counter(
+            "relay_stored_bytes_total", "Bytes of output files copied to storage", registry=registry
+        )
+        self.store_seconds = Histogram(
+            "relay_store_duration_seconds",
+            "Time from a prompt's relay.done to each of its files stored",
+            buckets=_PROMPT_BUCKETS,
+            registry=registry,
+        )
         self.upstream_reconnects = Counter(
             "relay_upstream_reconnects_total",
             "Upstream ComfyUI sockets opened again after being lost",

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -178,6 +179,9 @@ async def _submit(
 ) -> Response:
     state = request.state["relay"]
     _check_submission(body)
+    delivery = state.deliveries.check(
+        body.get("extra_data"), workflow.store if workflow is not None else False
+    )
     client_id = _client_id_of(request, body)
     prompt_id = _prompt_id_of(body)
     names = _step_names(workflow, state.config.language)
@@ -198,6 +202,7 @@ async def _submit(
         output_classes = await state.comfy.output_classes(classes)
         targets = body.get("partial_execution_targets")
         plan = build_plan(graph, output_classes, targets=targets, names=names, workflow=workflow_name)
+        plan = replace(plan, delivery=delivery)
         session.translator.register(prompt_id, plan, time.monotonic())
         forward = routed_prompt({**body, "prompt_id": prompt_id}, client_id, session.route(prompt_id))
         try:
@@ -217,6 +222,7 @@ async def _submit(
             plan = build_plan(
                 graph, output_classes, targets=targets, skip_outputs=skip, names=names, workflow=workflow_name
             )
+            plan = replace(plan, delivery=delivery)
         session.apply(session.translator.accept(prompt_id, accepted.get("number"), time.monotonic(), plan))
         if session.backlog is not None:
             # With Redis, answer once Redis has the prompt: a relay that dies right after

@@ -43,6 +43,7 @@ from relay.upstream import State, Upstream
 
 if TYPE_CHECKING:
     from relay.cluster import Cluster
+    from relay.delivery import Deliveries
 
 __all__ = ["ClientSession", "Role", "Sessions", "live_state"]
 
@@ -68,6 +69,7 @@ class ClientSession:
         *,
         observers: Sequence[Observer] = (),
         learn: Callable[[StepTiming], None] | None = None,
+        deliveries: Deliveries | None = None,
     ) -> None:
         self.client_id = client_id
         # Frames and reconnects are counted here: no event says them.
@@ -81,6 +83,9 @@ class ClientSession:
         )
         self.observers = tuple(observers)
         self._learn = learn
+        # Storage and webhooks (relay.delivery); prompts whose files are being stored.
+        self.deliveries = deliveries
+        self.storing = 0
         # With Redis: the relays' shared state, this client's keys, its lease, this relay's role.
         self.cluster: Cluster | None = None
         self.redis_log: RedisLog | None = None
@@ -422,7 +427,12 @@ class ClientSession:
 
     @property
     def needed(self) -> bool:
-        return bool(self.channel.subscribers) or bool(self.translator.active()) or self.registering > 0
+        return (
+            bool(self.channel.subscribers)
+            or bool(self.translator.active())
+            or self.registering > 0
+            or self.storing > 0
+        )
 
     async def ensure_upstream(self) -> None:
         """Make sure the upstream socket is open, so that no event of a new prompt is missed.
@@ -542,6 +552,8 @@ class ClientSession:
 
     def publish(self, events: Iterable[Event]) -> None:
         for event in events:
+            if self.deliveries is not None:
+                event = self.deliveries.passing(self, event)  # noqa: PLW2901 - relay.done gains its storage
             self.channel.publish(event)
             for observer in self.observers:
                 observer.published(self.client_id, event)
@@ -750,6 +762,7 @@ class Sessions:
         observers: Sequence[Observer] = (),
         learn: Callable[[StepTiming], None] | None = None,
         redis: Redis | None = None,
+        deliveries: Deliveries | None = None,
     ) -> None:
         self.config = config
         self.comfy = comfy
@@ -758,6 +771,7 @@ class Sessions:
         self.metrics = metrics or Metrics()
         self.observers = tuple(observers)
         self.learn = learn
+        self.deliveries = deliveries
         self._sessions: dict[str, ClientSession] = {}
         self._reaper: asyncio.Task[None] | None = None
         self.cluster: Cluster | None = None
@@ -777,6 +791,7 @@ class Sessions:
                 self.metrics,
                 observers=self.observers,
                 learn=self.learn,
+                deliveries=self.deliveries,
             )
             if self.redis is not None and self.cluster is not None:
                 config = self.config

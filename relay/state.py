@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 
 from relay.comfy import ComfyClient
 from relay.config import RelayConfig
+from relay.delivery import Deliveries
 from relay.errors import ShuttingDown
 from relay.eta import Durations, durations_file
 from relay.health import Readiness
@@ -28,7 +29,9 @@ from relay.metrics import Metrics
 from relay.observers import EtaKeeper, MetricsObserver, StepLog
 from relay.proxy import ProxyContext
 from relay.sessions import Sessions
+from relay.storage import Storage
 from relay.streaming import StreamingClient
+from relay.webhooks import Webhooks
 from relay.workflows import Library
 
 log = structlog.get_logger("relay.state")
@@ -58,6 +61,9 @@ class RelayState:
         self.durations = durations
         self.eta = EtaKeeper(durations, redis)
         self.redis = redis
+        self.storage = Storage(config, streams, metrics) if config.s3_bucket else None
+        self.webhooks = Webhooks(config, metrics) if config.webhook_secret else None
+        self.deliveries = Deliveries(config, self.storage, self.webhooks)
         self.sessions = Sessions(
             config,
             comfy,
@@ -66,6 +72,7 @@ class RelayState:
             observers=(MetricsObserver(metrics), StepLog(), self.eta),
             learn=self.eta.learned,
             redis=redis,
+            deliveries=self.deliveries,
         )
         self.readiness = Readiness(comfy, metrics, timeout=config.ready_timeout)
         # Browser sockets open now (RELAY_MAX_CONNECTIONS).
@@ -127,7 +134,11 @@ async def open_relay(config: RelayConfig, metrics: Metrics, workflows: Library) 
             with contextlib.suppress(asyncio.CancelledError):
                 await collector
         await state.close_clients()
+        if state.storage is not None:
+            await state.storage.close()  # files cut off are reported failed before sessions close
         await state.sessions.close()
+        if state.webhooks is not None:
+            await state.webhooks.close()
         await state.eta.close()  # shares what it learned through Redis: before Redis closes
         if state.redis is not None:
             await state.redis.aclose()

@@ -53,6 +53,7 @@ from relay.i18n import Text as Name
 from relay.protocol import BinaryEvent, ImageFormat, ProtocolError, decode_binary_frame, encode_preview
 
 __all__ = [
+    "Delivery",
     "Estimates",
     "Forward",
     "Plan",
@@ -98,6 +99,29 @@ class StepSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class Delivery:
+    """Where a prompt's results go besides its client's sockets (asked for at submission)."""
+
+    store: bool = False  # its output files to S3-compatible storage
+    webhook_url: str | None = None  # a URL told of its end (and steps, with webhook_steps)
+    webhook_steps: bool = False
+
+    def data(self) -> dict[str, Any]:
+        return {"store": self.store, "webhook_url": self.webhook_url, "webhook_steps": self.webhook_steps}
+
+    @classmethod
+    def from_data(cls, data: Any) -> Delivery | None:
+        if not isinstance(data, dict):
+            return None
+        url = data.get("webhook_url")
+        return cls(
+            data.get("store") is True,
+            url if isinstance(url, str) else None,
+            data.get("webhook_steps") is True,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     """The steps a prompt is expected to run, in order, and every other node of its graph."""
 
@@ -106,6 +130,7 @@ class Plan:
     workflow: str | None = None
     # Under which the relay learns its step durations (the workflow, or the graph's nodes).
     timing_key: str | None = None
+    delivery: Delivery | None = None
 
 
 @dataclass(slots=True)
@@ -252,6 +277,11 @@ class Translator:
     def knows(self, prompt_id: str) -> bool:
         """Whether the prompt is one of this client's (running, waiting, or recently ended)."""
         return prompt_id in self._runs or prompt_id in self._finished
+
+    def plan_of(self, prompt_id: str) -> Plan | None:
+        """The plan of a prompt running, waiting, or recently ended."""
+        run = self._runs.get(prompt_id) or self._finished.get(prompt_id)
+        return run.plan if run is not None else None
 
     def current_node(self, prompt_id: str) -> str | None:
         run = self._runs.get(prompt_id)
@@ -850,9 +880,13 @@ def _plan_data(plan: Plan) -> dict[str, Any]:
         "others": [_spec_data(spec) for spec in plan.others.values()],
         "workflow": plan.workflow,
         "timing_key": plan.timing_key,
+        "delivery": plan.delivery.data() if plan.delivery is not None else None,
     }
 
 
 def _plan_from(data: Mapping[str, Any]) -> Plan:
     others = {spec.node: spec for spec in map(_spec_from, data["others"])}
-    return Plan(tuple(map(_spec_from, data["steps"])), others, data.get("workflow"), data.get("timing_key"))
+    delivery = Delivery.from_data(data.get("delivery"))
+    return Plan(
+        tuple(map(_spec_from, data["steps"])), others, data.get("workflow"), data.get("timing_key"), delivery
+    )

@@ -17,6 +17,9 @@ input folder, as ``/upload/image`` answers it). A parameter's ``targets`` are th
 
 A submitted graph is recognised as a workflow when ``extra_data.workflow`` names it, or when it
 has the same nodes (ids and class types) as the workflow's graph.
+
+``"store": true`` asks for every prompt of the workflow to have its output files copied to
+S3-compatible storage (relay.storage), as ``extra_data.store`` does for one prompt.
 """
 
 from __future__ import annotations
@@ -141,6 +144,7 @@ class Workflow:
     graph: Mapping[str, Any]
     steps: Mapping[str, Mapping[str, str]]  # node id -> language -> name
     parameters: Mapping[str, Parameter]
+    store: bool = False
 
     @property
     def shape(self) -> frozenset[tuple[str, str]]:
@@ -157,6 +161,7 @@ class Workflow:
             "description": dict(self.description),
             "steps": [{"node": node, "name": dict(texts)} for node, texts in self.steps.items()],
             "parameters": {name: p.public() for name, p in self.parameters.items()},
+            "store": self.store,
         }
 
     def fill(self, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -242,6 +247,9 @@ def load_workflow(path: Path) -> Workflow:
     parameters = data.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise WorkflowError(f"{where}: 'parameters' must be an object")
+    store = data.get("store", False)
+    if not isinstance(store, bool):
+        raise WorkflowError(f"{where}: 'store' must be true or false")
     return Workflow(
         name=name,
         title=_texts(data.get("title", name), f"{where}: title"),
@@ -249,6 +257,7 @@ def load_workflow(path: Path) -> Workflow:
         graph=graph,
         steps={str(node): _texts(texts, f"{where}: steps.{node}") for node, texts in steps.items()},
         parameters={pname: _parameter(pname, spec, graph, where) for pname, spec in parameters.items()},
+        store=store,
     )
 
 

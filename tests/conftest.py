@@ -18,7 +18,7 @@ from relay.server import RunningRelay, run_relay
 from tests.driver import Session, open_session
 
 # A real redis-server on a free port for the tests that ask for ``redis_server``.
-pytest_plugins = ["tests.redis_server"]
+pytest_plugins = ["tests.redis_server", "tests.s3_server"]
 
 # Where tests/test_browser.py saves its screenshots of the progress page.
 SCREENSHOTS = Path(os.environ.get("RELAY_SCREENSHOTS", Path(__file__).parents[1] / "build" / "screenshots"))

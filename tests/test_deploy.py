@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from relay.app import routes
-from relay.config import ENV_NAMES, RelayConfig
+from relay.config import ENV_NAMES, SECRETS, RelayConfig
 from relay.emulator import RunningEmulator
 from tests.test_emulator_cli import free_port
 from tests.test_logs import until_ready
@@ -220,9 +220,13 @@ def test_rendered_manifests_validate(folder: str) -> None:
 
 
 def test_every_setting_is_in_the_config_map() -> None:
-    """The ConfigMap's env file names every setting but the token (a Secret), with values the relay takes."""
+    """The ConfigMap's env file names every setting but the secrets (from a Secret), with values the
+    relay takes; the Deployment reads each secret from the Secret."""
     settings = env_file(DEPLOY / "base" / "relay.env")
-    assert set(settings) == set(ENV_NAMES.values()) - {"RELAY_TOKEN"}
+    secrets = {ENV_NAMES[name] for name in SECRETS}
+    assert set(settings) == set(ENV_NAMES.values()) - secrets
+    deployment = (DEPLOY / "base" / "deployment.yaml").read_text()
+    assert all(f"name: {env}\n" in deployment for env in secrets)
     config = RelayConfig.from_env(settings)
     assert config.host == "0.0.0.0"  # reachable from the kubelet and the Service
     assert config.log_format == "json"

@@ -11,6 +11,7 @@ compositing and inpainting nodes.
 
 from __future__ import annotations
 
+import importlib
 import shutil
 import subprocess
 import tempfile
@@ -414,8 +415,9 @@ class ADE_UseEvolvedSampling(Node):
 class VHS_VideoCombine(Node):
     """Frames to a video file, reported under ``gifs`` as VideoHelperSuite does.
 
-    mp4/webm need an ``ffmpeg`` on PATH, as the real node does; without one the emulator
-    writes an animated WEBP instead and reports that format, rather than a file that lies.
+    mp4/webm need an ``ffmpeg``: on PATH, else the one imageio-ffmpeg ships (the real node's
+    fallback too); without either the emulator writes an animated WEBP instead and reports
+    that format, rather than a file that lies.
     """
 
     class_type = "VHS_VideoCombine"
@@ -468,10 +470,24 @@ class VHS_VideoCombine(Node):
         return NodeResult(((True, [entry["fullpath"]]),), {"gifs": [entry]})
 
 
+def _ffmpeg() -> str | None:
+    found = shutil.which("ffmpeg")
+    if found is not None:
+        return found
+    try:  # optional: installed with the test extras
+        bundled = importlib.import_module("imageio_ffmpeg")
+    except ImportError:
+        return None
+    try:
+        return str(bundled.get_ffmpeg_exe())
+    except RuntimeError:
+        return None
+
+
 def _write_video(frames: ImageBatch, fps: float, loops: int, wanted: str, stem: Path) -> tuple[str, str]:
     """Write the frames in the wanted format when possible; the (format, file name) written."""
     folder, stem_name = stem.parent, stem.name
-    ffmpeg = shutil.which("ffmpeg")
+    ffmpeg = _ffmpeg()
     if wanted.startswith("video/") and ffmpeg is not None:
         extension = "webm" if wanted == "video/webm" else "mp4"
         codec = ["-c:v", "libvpx-vp9"] if extension == "webm" else ["-c:v", "libx264", "-pix_fmt", "yuv420p"]
