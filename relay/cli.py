@@ -285,6 +285,16 @@ def _submit_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     parser.add_argument("--lang", choices=LANGUAGES, help="language of step names (default: the relay's)")
     parser.add_argument("-w", "--watch", action="store_true", help="show live progress until the run ends")
     parser.add_argument(
+        "--store",
+        action="store_true",
+        help="keep the output files in the relay's S3-compatible storage; --watch prints their URLs",
+    )
+    parser.add_argument(
+        "--webhook-url",
+        metavar="URL",
+        help="have the relay POST to this URL (on its allow-list) when the run ends",
+    )
+    parser.add_argument(
         "--progress",
         choices=("auto", "live", "plain"),
         default="auto",
@@ -309,6 +319,8 @@ def _run_submit(args: argparse.Namespace) -> int:
         token=args.token,
         watch=args.watch,
         progress=args.progress,
+        store=args.store,
+        webhook_url=args.webhook_url,
         reconnect_for=args.reconnect_for,
     )
     try:

@@ -242,7 +242,12 @@ async def _submit(
 async def list_workflows(request: Request[Lifespan]) -> Response:
     state = request.state["relay"]
     return _json(
-        {"language": state.config.language, "workflows": [workflow.public() for workflow in state.workflows]}
+        {
+            "language": state.config.language,
+            # Whether extra_data.store (and a workflow's "store") can keep results in storage.
+            "storage": state.storage is not None,
+            "workflows": [workflow.public() for workflow in state.workflows],
+        }
     )
 
 

@@ -88,6 +88,9 @@ class SubmitOptions:
     token: str | None = None
     watch: bool = False
     progress: str = "auto"  # auto, live, plain
+    # extra_data: keep the output files in the relay's storage; a URL told when the run ends.
+    store: bool = False
+    webhook_url: str | None = None
     # Timeouts
     connect_timeout: float = 5.0
     reconnect_for: float = 60.0
@@ -213,6 +216,13 @@ class _Submission:
         else:
             route, body, title = await self._workflow_request(self.options.target)
         body = {**body, "client_id": self.client_id, "prompt_id": self.prompt_id}
+        extra = dict(body.get("extra_data") or {})
+        if self.options.store:
+            extra["store"] = True
+        if self.options.webhook_url:
+            extra["webhook_url"] = self.options.webhook_url
+        if extra:
+            body["extra_data"] = extra
         if not self.options.watch:
             answer = await self._post(route, body)
             self.out.write(f"{answer['prompt_id']}\n")
@@ -371,6 +381,13 @@ class _Submission:
                 if hello.get("resumed"):
                     renderer.note(f"… reconnected, {hello.get('missed') or 0} missed events replayed")
                     continue
+                if self.view.phase == "done":
+                    # Only storage was left, and the relay lost what it had to say about it.
+                    renderer.note(
+                        f"… the relay restarted before telling where {self.view.storing_left} file(s) "
+                        "were stored; look for them under the keys relay.done named"
+                    )
+                    break
                 renderer.note(
                     "… reconnected; the relay could not replay what was missed, asking ComfyUI's history"
                 )
@@ -419,11 +436,11 @@ class _Submission:
         Used once the relay could not replay missed events (it restarted, or the gap was too
         long): the relay may then never send this prompt's ``relay.done``.
         """
-        while not self.view.finished:
+        while self.view.phase != "done":
             # A relay that is still starting, or an answer that is not JSON: try again later.
             with contextlib.suppress(SubmitError, httpx.HTTPStatusError, ValueError):
                 event = await self._history_event()
-                if event is not None and not self.view.finished:
+                if event is not None and self.view.phase != "done":
                     renderer.event(event)
                     if self.socket is not None:
                         await self.socket.close()  # ends the read loop, which sees the run finished

@@ -146,11 +146,20 @@ class RunView:
     error: Mapping[str, Any] | None = None
     recovered: bool = False
     files: list[dict[str, Any]] = field(default_factory=list)
+    # Files relay.done said go to storage, and what became of each (its relay.stored).
+    storing: list[dict[str, Any]] = field(default_factory=list)
+    stored: list[Event] = field(default_factory=list)
 
     def apply(self, event: Event) -> bool:
         """Take in an event; False when it is not about this prompt (or not shown)."""
         if self.phase == "done":
-            return False  # a second account of the end (the relay's and the history's) changes nothing
+            # A second account of the end (the relay's and the history's) changes nothing;
+            # where the files were stored is news.
+            news = event.get("type") == "relay.stored" and event.get("prompt_id") == self.prompt_id
+            if news and all(s.get("key") != event.get("key") for s in self.stored):
+                self.stored.append(event)
+                return True
+            return False
         kind = event.get("type")
         if kind == "relay.queue":
             self.queue = event.get("remaining")
@@ -165,7 +174,12 @@ class RunView:
 
     @property
     def finished(self) -> bool:
-        return self.phase == "done"
+        """Ended, and every file it sent to storage accounted for."""
+        return self.phase == "done" and not self.storing_left
+
+    @property
+    def storing_left(self) -> int:
+        return max(0, len(self.storing) - len(self.stored))
 
     def step(self, node: Any) -> StepView:
         key = str(node)
@@ -226,6 +240,9 @@ class RunView:
         self._timing(event)
         if not self.files:
             self.files = output_files(event.get("outputs") or {})
+        storage = event.get("storage")
+        if isinstance(storage, dict) and isinstance(storage.get("files"), list):
+            self.storing = [f for f in storage["files"] if isinstance(f, dict)]
 
     def _snapshot(self, event: Event) -> None:
         self.phase = str(event.get("phase") or self.phase)
@@ -293,6 +310,13 @@ def _timing_text(view: RunView) -> str:
     return "  ".join(parts)
 
 
+def _stored_line(event: Event) -> str:
+    """One stored file: its presigned URL, or why it is not stored."""
+    if event.get("state") == "stored":
+        return f"stored: {event.get('url')}"
+    return f"not stored: {event.get('key')} ({event.get('error')})"
+
+
 def _ending(view: RunView, base_url: str) -> list[str]:
     """The lines that close a run: its status, what failed, and the output files' URLs."""
     lines: list[str] = []
@@ -309,6 +333,9 @@ def _ending(view: RunView, base_url: str) -> list[str]:
             message = str(error.get("message") or "").strip()
             lines.append(f"  {error.get('exception_type') or 'error'}: {message}".rstrip(": "))
     lines.extend(f"output: {urljoin(base_url, file['url'])}" for file in view.files)
+    if view.storing:
+        count = len(view.storing)
+        lines.append(f"… storing {count} file{'s' if count != 1 else ''} in the bucket")
     return lines
 
 
@@ -357,6 +384,8 @@ class PlainRenderer:
         elif kind == "relay.done":
             for line in _ending(view, self._base_url):
                 self._line(line)
+        elif kind == "relay.stored":
+            self._line(_stored_line(event))
 
     def _step(self, event: Event) -> None:
         view = self.view
@@ -415,6 +444,9 @@ class LiveRenderer:
         if kind == "relay.done":
             lines += _ending(view, self._base_url)
             self._emit(lines, status=False)
+            return
+        if kind == "relay.stored":
+            self._emit([_stored_line(event)], status=False)
             return
         now = event.get("ts")
         if not isinstance(now, (int, float)):

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import shutil
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,9 @@ from relay.emulator.images import encode, generated_art
 from relay.server import RunningRelay, run_relay
 from tests.conftest import SCREENSHOTS, relay_config
 from tests.relay_client import open_tab
+from tests.s3_server import S3Server
 from tests.test_emulator_cli import free_port
+from tests.test_storage import storage_settings
 
 playwright_api = pytest.importorskip("playwright.async_api", reason="playwright is not installed")
 
@@ -468,3 +471,37 @@ async def test_page_with_a_token(browser: Any, emulator: RunningEmulator) -> Non
         assert sockets
         assert all(token not in url for url in sockets)
         assert page.errors == []
+
+
+async def test_stored_copy_is_linked_under_the_result(
+    browser: Any, emulator: RunningEmulator, s3_server: S3Server
+) -> None:
+    """With storage, the page offers to keep the results; the run's result then shows
+    "storing", then a link to its stored copy (a presigned URL that serves the same bytes)."""
+    prefix = f"page-{uuid.uuid4().hex[:8]}"
+    async with run_relay(relay_config(emulator, **storage_settings(s3_server, prefix))) as relay:
+        page = await Page.open(browser, relay)
+        await page.page.wait_for_selector("#store:not([hidden])")
+        await page.page.check("#store input")
+        await page.submit(seed=5)
+        assert await page.done() == "success"
+        await page.page.wait_for_selector('#results .stored[data-state="stored"]', timeout=30_000)
+        await page.result_loaded()
+        await page.shot("8-stored")
+        link = await page.page.get_attribute('#results .stored[data-state="stored"]', "href")
+        shown = await page.page.get_attribute("#results img", "src")
+        assert link is not None
+        assert link.startswith(s3_server.endpoint)
+        assert shown is not None
+        async with httpx.AsyncClient() as http:
+            stored, original = await http.get(link), await http.get(shown)
+        assert stored.status_code == 200
+        assert stored.content == original.content
+        assert page.errors == []
+
+
+async def test_page_hides_the_storage_option_without_storage(browser: Any, relay: RunningRelay) -> None:
+    """A relay without storage: no option to keep results, and none asked for."""
+    page = await Page.open(browser, relay)
+    await page.page.wait_for_selector("#param-seed")  # the form is drawn after the option is decided
+    assert await page.page.is_hidden("#store")

@@ -15,6 +15,7 @@ import pty
 import re
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import httpx
@@ -28,7 +29,9 @@ from relay.terminal import LiveRenderer, PlainRenderer, RunView, bar, display_wi
 from tests.conftest import relay_config
 from tests.netcut import forwarder
 from tests.relay_client import open_tab
+from tests.s3_server import S3Server
 from tests.test_emulator_cli import free_port
+from tests.test_storage import storage_settings
 from tests.tracekit import load_trace, long_graph
 
 WORKFLOWS = Path(__file__).parents[1] / "workflows"
@@ -434,3 +437,23 @@ async def test_cancel_command(relay: RunningRelay) -> None:
         await http.post(f"/prompt/{running}/cancel")
         assert (await tab.wait_done(running))["status"] == "interrupted"
     await tab.close()
+
+
+async def test_watch_prints_the_stored_urls(emulator: RunningEmulator, s3_server: S3Server) -> None:
+    """submit --store --watch stays until the files are stored and prints each presigned URL,
+    which serves the same image as the relay's /view link printed before it."""
+    prefix = f"cli-{uuid.uuid4().hex[:8]}"
+    async with run_relay(relay_config(emulator, **storage_settings(s3_server, prefix))) as relay:
+        code, out, err = await run_cli("submit", "portrait_mode", "--watch", "--store", "--progress", "plain",
+                                       "--relay", relay.url, "-p", "seed=9")  # fmt: skip
+        assert code == 0, err
+        lines = out.splitlines()
+        output = next(line for line in lines if line.startswith("output: "))
+        assert "… storing 1 file in the bucket" in lines
+        stored = [line.removeprefix("stored: ") for line in lines if line.startswith("stored: ")]
+        assert len(stored) == 1
+        assert stored[0].startswith(f"{s3_server.endpoint}/{s3_server.bucket}/{prefix}/")
+        async with httpx.AsyncClient() as http:
+            kept, original = await http.get(stored[0]), await http.get(output.removeprefix("output: "))
+    assert kept.status_code == 200
+    assert kept.content == original.content

@@ -36,6 +36,10 @@ const TEXTS = {
     detached: "ComfyUI 연결이 끊겼다 다시 이어져 이 작업의 진행 상황은 더 받을 수 없습니다. 끝나면 결과를 보여 드립니다.",
     status: { queued: "대기 중", running: "실행 중", success: "완료", error: "실패", interrupted: "중단됨", cancelled: "취소됨", submitted: "제출됨" },
     failedAt: "실패한 단계",
+    store: "결과를 저장소에 보관",
+    storing: "저장소에 보관 중…",
+    storedLink: "보관된 파일",
+    notStored: "보관 실패",
     recovered: "재연결 후 ComfyUI 기록에서 확인한 결과입니다.",
     imageHint: "비워 두면 기본 이미지를 사용합니다",
     chooseImage: "이미지 선택",
@@ -79,6 +83,10 @@ const TEXTS = {
     detached: "The link to ComfyUI was lost and made again: this job's progress can no longer be followed. Its result shows when it ends.",
     status: { queued: "Queued", running: "Running", success: "Done", error: "Failed", interrupted: "Interrupted", cancelled: "Cancelled", submitted: "Submitted" },
     failedAt: "Failed step",
+    store: "Keep the results in storage",
+    storing: "Saving to storage…",
+    storedLink: "stored copy",
+    notStored: "not stored",
     recovered: "Result read from ComfyUI's history after reconnecting.",
     imageHint: "Leave empty to use the default image",
     chooseImage: "Choose image",
@@ -204,7 +212,24 @@ async function loadWorkflows() {
     localStorage.setItem("comfy-relay.workflow", select.value);
     renderForm();
   });
+  const store = $("store");
+  store.hidden = !relay.storageAvailable;
+  store.querySelector("input").checked = localStorage.getItem("comfy-relay.store") === "1";
+  store.querySelector("input").addEventListener("change", (event) => {
+    localStorage.setItem("comfy-relay.store", event.target.checked ? "1" : "0");
+  });
   renderForm();
+}
+
+/** Under a result: where its stored copy is (a presigned URL), or that it is on its way or failed. */
+function storedLine(file) {
+  const stored = file.stored;
+  if (!stored) return null;
+  if (stored.state === "stored" && stored.url) {
+    return h("a", { class: "stored", href: stored.url, target: "_blank", rel: "noopener", dataset: { state: "stored" } }, `${T.storedLink} ↗`);
+  }
+  if (stored.state === "failed") return h("span", { class: "stored", dataset: { state: "failed" }, title: stored.error || "" }, T.notStored);
+  return h("span", { class: "stored", dataset: { state: "pending" } }, T.storing);
 }
 
 function renderForm() {
@@ -292,7 +317,8 @@ $("submit").addEventListener("click", async () => {
   button.textContent = T.submitting;
   try {
     const values = await collectParams(workflow);
-    const answer = await relay.submitWorkflow(workflow.name, values);
+    const keep = relay.storageAvailable && $("store").querySelector("input").checked;
+    const answer = await relay.submitWorkflow(workflow.name, values, keep ? { store: true } : {});
     follow(answer.prompt_id);
     if (window.matchMedia("(max-width: 900px)").matches) $("run").scrollIntoView({ behavior: "smooth" });
   } catch (error) {
@@ -387,7 +413,7 @@ function renderRun() {
       const media = video
         ? h("video", { src: file.url, controls: true, autoplay: true, loop: true, muted: true, playsinline: true })
         : h("img", { src: file.url, alt: file.filename, class: "result" });
-      return h("figure", { class: "result-item", dataset: { kind: file.kind } }, media, h("a", { href: file.url, target: "_blank", rel: "noopener" }, file.filename));
+      return h("figure", { class: "result-item", dataset: { kind: file.kind } }, media, h("a", { href: file.url, target: "_blank", rel: "noopener" }, file.filename), storedLine(file));
     }),
   );
 

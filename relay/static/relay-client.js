@@ -75,7 +75,11 @@ class PromptState {
     this.current = null; // node id of the running step
     this.progress = null; // {value, max} of the running step
     this.preview = null; // URL of the latest live preview
-    this.files = []; // [{filename, subfolder, type, kind, node, url}]
+    this.files = []; // [{filename, subfolder, type, kind, node, url, stored}]
+    // Storage, when its files go to the bucket: {state: "storing" | "stored" | "partial" |
+    // "failed", bucket, files: [{node, filename, kind, key, state, url, expires, size, error}]};
+    // each entry of `files` that is stored also has it as `stored`.
+    this.storage = null;
     this.error = null;
     this.recovered = false;
     this.detached = false; // its progress can no longer be followed; only its end will come
@@ -286,7 +290,8 @@ export class RelayClient {
       prompt = new PromptState(event.prompt_id);
       this.prompts.set(prompt.id, prompt);
     }
-    if (prompt.done && event.type !== "relay.snapshot") return;
+    // After relay.done only the storage of its files (and a snapshot) has news.
+    if (prompt.done && event.type !== "relay.snapshot" && event.type !== "relay.stored") return;
     const wasDone = prompt.done;
     this._apply(prompt, event);
     prompt.updatedAt = Date.now();
@@ -364,6 +369,14 @@ export class RelayClient {
         return;
       case "relay.done":
         this._finish(prompt, event.status, event.error || null, event.outputs, event);
+        if (event.storage && !prompt.storage) {
+          const files = (event.storage.files || []).map((f) => ({ ...f, state: "pending" }));
+          prompt.storage = { state: "storing", bucket: event.storage.bucket, files };
+          this._linkStored(prompt);
+        }
+        return;
+      case "relay.stored":
+        this._stored(prompt, event);
         return;
       case "relay.snapshot":
         this._snapshot(prompt, event);
@@ -390,6 +403,38 @@ export class RelayClient {
     }
     if (!prompt.files.length && outputs) {
       prompt.files = outputFiles(outputs).map((f) => ({ ...f, url: this.url(f.url) }));
+    }
+  }
+
+  _stored(prompt, event) {
+    if (!prompt.storage) prompt.storage = { state: "storing", bucket: null, files: [] };
+    const storage = prompt.storage;
+    let entry = storage.files.find((f) => f.key === event.key);
+    if (!entry) {
+      entry = { node: String(event.node), filename: event.filename, kind: event.kind, key: event.key };
+      storage.files.push(entry);
+    }
+    Object.assign(entry, {
+      state: event.state,
+      url: event.url ?? null,
+      expires: event.expires ?? null,
+      size: event.size ?? null,
+      contentType: event.content_type ?? null,
+      error: event.error ?? null,
+      attempts: event.attempts,
+    });
+    if (event.remaining === 0 || storage.files.every((f) => f.state !== "pending")) {
+      const stored = storage.files.filter((f) => f.state === "stored").length;
+      storage.state = stored === storage.files.length ? "stored" : stored ? "partial" : "failed";
+    }
+    this._linkStored(prompt);
+  }
+
+  /** Give each output file its storage entry (`file.stored`), matched by node and file name. */
+  _linkStored(prompt) {
+    for (const file of prompt.files) {
+      const entry = prompt.storage?.files.find((f) => f.node === String(file.node) && f.filename === file.filename);
+      if (entry) file.stored = entry;
     }
   }
 
@@ -526,9 +571,14 @@ export class RelayClient {
     return data;
   }
 
-  /** The workflows the relay knows: [{name, title, description, steps, parameters}]. */
+  /**
+   * The workflows the relay knows: [{name, title, description, steps, parameters, store}].
+   * Also sets `storageAvailable`: whether the relay can keep results in S3-compatible storage.
+   */
   async workflows() {
-    return (await this._fetch("GET", "/workflows")).workflows;
+    const answer = await this._fetch("GET", "/workflows");
+    this.storageAvailable = Boolean(answer.storage);
+    return answer.workflows;
   }
 
   _submitted(promptId, workflow) {
@@ -554,9 +604,14 @@ export class RelayClient {
     }
   }
 
-  /** Fill and submit a workflow; resolves to the relay's answer (prompt_id, number, ...). */
-  async submitWorkflow(name, params = {}) {
-    return this._submit(`/workflows/${encodeURIComponent(name)}/prompt`, { params }, name);
+  /**
+   * Fill and submit a workflow; resolves to the relay's answer (prompt_id, number, ...).
+   * `extra` becomes the prompt's extra_data: `{store: true}` keeps its files in storage,
+   * `{webhook_url}` has the relay tell that URL (on its allow-list) when it ends.
+   */
+  async submitWorkflow(name, params = {}, extra = {}) {
+    const body = Object.keys(extra).length ? { params, extra_data: extra } : { params };
+    return this._submit(`/workflows/${encodeURIComponent(name)}/prompt`, body, name);
   }
 
   /** Submit an API-format graph as POST /prompt does. */
