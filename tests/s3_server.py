@@ -16,19 +16,39 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import httpx
 import pytest
 
-__all__ = ["WEED", "S3Server", "s3_server", "start_s3"]
+from relay.emulator.nodes import Input, Node, NodeResult, RunContext
+
+__all__ = ["WEED", "ExistingOutput", "S3Server", "s3_server", "start_s3"]
 
 WEED = Path(__file__).parents[1] / "build" / "tools" / "seaweedfs" / "bin" / "weed"
 BUCKET = "results"
 ACCESS_KEY = "relay-test-key"
 SECRET_KEY = "relay-test-secret-0123456789abcdef"
+
+
+class ExistingOutput(Node):
+    """Test-only output node: reports a file already in the output folder as its result (a
+    file of any size for the storage tests and bench/storage.py)."""
+
+    class_type = "TestExistingOutput"
+    display_name = "Existing output (test)"
+    category = "test"
+    python_module = "custom_nodes.test"
+    output_node = True
+    required: ClassVar[Mapping[str, Input]] = {"filename": Input.string("huge.bin")}
+
+    async def run(self, ctx: RunContext, **inputs: Any) -> NodeResult:
+        return NodeResult(
+            (), {"files": [{"filename": inputs["filename"], "subfolder": "", "type": "output"}]}
+        )
 
 
 @dataclass

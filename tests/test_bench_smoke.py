@@ -87,3 +87,12 @@ def test_soak_runs(tmp_path: Path) -> None:
     for key in ("rss_mb", "fds", "tasks"):
         assert row["idle"][key] > 0
     assert (row["errors_5xx"], row["missing_dones"], row["foreign_events"]) == (0, 0, 0)
+
+
+def test_storage_benchmark_runs(s3_server: object) -> None:
+    """bench/storage.py times relay.done to relay.stored, the direct copy and the plain upload.
+    (It starts its own S3 server; the fixture only skips, or fails under CI, without one.)"""
+    command = [sys.executable, str(BENCH / "storage.py"), "--megabytes", "2", "--repeat", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, check=True)
+    assert "relay.done -> relay.stored" in result.stdout
+    assert result.stdout.count("ratio") == 2

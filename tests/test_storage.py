@@ -12,10 +12,10 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import httpx
 import obstore
@@ -24,12 +24,11 @@ from obstore.store import S3Store
 
 from relay.emulator import RunningEmulator
 from relay.emulator.config import ComfyVersion
-from relay.emulator.nodes import Input, Node, NodeResult, RunContext
 from relay.server import run_relay
 from relay.storage import object_keys
 from tests.conftest import relay_config
 from tests.relay_client import Tab, open_tab
-from tests.s3_server import S3Server
+from tests.s3_server import ExistingOutput, S3Server
 from tests.test_emulator_cli import free_port
 
 TEXT2IMG = json.loads(resources.files("relay.emulator").joinpath("examples/text2img.json").read_text())
@@ -40,22 +39,6 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 def comfyui_version() -> ComfyVersion:
     """Storage reads only /view, the same on every version: the current one is enough."""
     return "current"
-
-
-class ExistingOutput(Node):
-    """Test-only output node: reports a file already in the output folder as its result."""
-
-    class_type = "TestExistingOutput"
-    display_name = "Existing output (test)"
-    category = "test"
-    python_module = "custom_nodes.test"
-    output_node = True
-    required: ClassVar[Mapping[str, Input]] = {"filename": Input.string("huge.bin")}
-
-    async def run(self, ctx: RunContext, **inputs: Any) -> NodeResult:
-        return NodeResult(
-            (), {"files": [{"filename": inputs["filename"], "subfolder": "", "type": "output"}]}
-        )
 
 
 def storage_settings(s3: S3Server, prefix: str, **more: Any) -> dict[str, Any]:
