@@ -44,10 +44,38 @@ class Publisher(Protocol):
 
 
 class Deliveries:
-    def __init__(self, config: RelayConfig, storage: Storage | None, webhooks: Webhooks | None) -> None:
+    def __init__(
+        self,
+        config: RelayConfig,
+        storage: Storage | None,
+        webhooks: Webhooks | None,
+        *,
+        storing_workflows: frozenset[str] = frozenset(),
+    ) -> None:
         self.config = config
         self.storage = storage
         self.webhooks = webhooks if webhooks is not None and webhooks.enabled else None
+        # Workflows whose file says "store": true.
+        self.storing_workflows = storing_workflows
+
+    def recover(self, extra_data: Any) -> Delivery | None:
+        """What a prompt found in ComfyUI's queue had asked for (a relay without Redis that
+        restarted forgot it): read again from its extra_data, what is no longer allowed left out."""
+        extra = extra_data if isinstance(extra_data, dict) else {}
+        store = extra.get("store")
+        url = extra.get("webhook_url")
+        if not (
+            isinstance(url, str)
+            and self.webhooks is not None
+            and host_allowed(url, self.config.webhook_hosts)
+        ):
+            url = None
+        asked = {"store": store if isinstance(store, bool) else None, "webhook_url": url,
+                 "webhook_steps": extra.get("webhook_steps") is True}  # fmt: skip
+        try:
+            return self.check(asked, workflow_store=extra.get("workflow") in self.storing_workflows)
+        except BadRequest:  # storage asked for, and this relay now has none
+            return None
 
     def check(self, extra_data: Any, workflow_store: bool) -> Delivery | None:
         """What a submitted prompt asks for, once allowed; None when nothing.

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlencode
 
@@ -651,6 +652,8 @@ class ClientSession:
             try:
                 classes = {str(node.get("class_type")) for node in graph.values() if isinstance(node, dict)}
                 plan = build_plan(graph, await self.comfy.output_classes(classes))
+                if self.deliveries is not None:
+                    plan = replace(plan, delivery=self.deliveries.recover(extra))
             except RelayError as exc:
                 self.log.warning(
                     "could not follow a forgotten prompt", prompt_id=prompt_id, reason=exc.message

@@ -63,7 +63,8 @@ class RelayState:
         self.redis = redis
         self.storage = Storage(config, streams, metrics) if config.s3_bucket else None
         self.webhooks = Webhooks(config, metrics) if config.webhook_secret else None
-        self.deliveries = Deliveries(config, self.storage, self.webhooks)
+        storing = frozenset(workflow.name for workflow in workflows if workflow.store)
+        self.deliveries = Deliveries(config, self.storage, self.webhooks, storing_workflows=storing)
         self.sessions = Sessions(
             config,
             comfy,

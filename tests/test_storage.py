@@ -30,6 +30,7 @@ from tests.conftest import relay_config
 from tests.relay_client import Tab, open_tab
 from tests.s3_server import ExistingOutput, S3Server
 from tests.test_emulator_cli import free_port
+from tests.tracekit import load_trace
 
 TEXT2IMG = json.loads(resources.files("relay.emulator").joinpath("examples/text2img.json").read_text())
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -368,3 +369,31 @@ async def test_storing_500_mb_keeps_relay_memory_flat(
         await relay.wait()
         for name in ("huge.bin", "warm.bin"):
             (folder / name).unlink(missing_ok=True)
+
+
+async def test_a_restarted_relay_still_stores_what_was_asked(
+    emulator: RunningEmulator, s3_server: S3Server, prefix: str
+) -> None:
+    """Without Redis, a relay that restarts mid-run forgets the prompt but finds it again in
+    ComfyUI's queue: the request to store it is read back from its extra_data, so its file is
+    stored when it ends all the same."""
+    graph = load_trace("04").workflow()
+    graph["2"]["inputs"].update(steps=60, delay=0.2)
+    settings = storage_settings(s3_server, prefix)
+    async with (
+        run_relay(relay_config(emulator, **settings)) as before,
+        httpx.AsyncClient(base_url=before.url) as http,
+    ):
+        tab = await open_tab(before.ws_url, "clientId=restarted")
+        prompt_id = await submit(http, "restarted", graph, store=True)
+        await tab.wait_type("relay.progress", prompt_id)
+        await tab.close()
+    async with run_relay(relay_config(emulator, **settings)) as after:
+        back = await open_tab(after.ws_url, "clientId=restarted")
+        done = await back.wait_done(prompt_id, timeout=60)
+        (stored,) = await all_stored(back, prompt_id)
+        await back.close()
+    assert (done["status"], done["recovered"]) == ("success", True)
+    assert [f["key"] for f in done["storage"]["files"]] == [stored["key"]]
+    assert stored["state"] == "stored"
+    assert stored["key"].startswith(f"{prefix}/restarted/{prompt_id}/")
