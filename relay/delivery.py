@@ -19,6 +19,8 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
+import structlog
+
 from relay.errors import BadRequest
 from relay.events import Done, Event, Step, Stored, fields
 from relay.translator import Delivery, Translator
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Deliveries", "Publisher"]
 
+log = structlog.get_logger("relay.delivery")
+
 _MAX_URL = 2048
 
 
@@ -39,6 +43,10 @@ class Publisher(Protocol):
     client_id: str
     translator: Translator
     storing: int
+
+    @property
+    def owned(self) -> bool:
+        """Whether this relay speaks for the client (with Redis, another may have taken over)."""
 
     def publish(self, events: Iterable[Event]) -> None: ...
 
@@ -150,7 +158,18 @@ class Deliveries:
             }
             self._notify(session.client_id, delivery, "prompt.stored", data)
 
-        self.storage.start(session.client_id, done.prompt_id, jobs, session.publish, settled)
+        def publish(results: Iterable[Stored]) -> None:
+            if session.owned:
+                session.publish(results)
+                return
+            # With Redis, another relay took the client over meanwhile: it writes the client's
+            # stream now, and an event published here would take a number it also gives.
+            for result in results:
+                log.warning("storage result not sent: another relay holds the client now",
+                            client_id=session.client_id, prompt_id=result.prompt_id, key=result.key,
+                            state=result.state, url=result.url)  # fmt: skip
+
+        self.storage.start(session.client_id, done.prompt_id, jobs, publish, settled)
         return replace(done, storage=self.storage.announcement(jobs))
 
     def _notify(self, client_id: str, delivery: Delivery | None, kind: str, data: dict[str, Any]) -> None:

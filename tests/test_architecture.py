@@ -82,6 +82,11 @@ RULES = (
         only=frozenset({"relay.submit", "relay.terminal", "relay.events"}),
     ),
     Rule(
+        "results leave through events: storage and webhooks know no session, socket or hub",
+        ("relay.storage", "relay.webhooks", "relay.delivery"),
+        forbidden=frozenset({"relay.sessions", "relay.fanout", "relay.upstream", "relay.cluster", "relay.state"}),
+    ),
+    Rule(
         "the product never imports the emulator",
         ("relay.app", "relay.server", "relay.state", "relay.sockets", "relay.prompts", "relay.sessions"),
         forbidden=frozenset({"relay.emulator"}),
