@@ -199,7 +199,8 @@ class Done(Event):
     recovered: bool
     error: dict[str, Any] | None = None
     # When the prompt's files go to storage: {"state": "storing", "bucket", "files": [{node,
-    # filename, kind, key}]}, each then told by a relay.stored. Storing never holds this back.
+    # filename, kind, key, url, expires}]}, each then told by a relay.stored (the URL works once
+    # it has). Storing never holds this back.
     storage: dict[str, Any] | None = None
 
 

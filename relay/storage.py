@@ -113,8 +113,17 @@ class Storage:
         return object_keys(self.config.s3_prefix, client_id, prompt_id, outputs)
 
     def announcement(self, jobs: Sequence[FileJob]) -> dict[str, Any]:
-        """``relay.done``'s ``storage``: what is on its way to the bucket."""
-        return {"state": "storing", "bucket": self.bucket, "files": [job.announced() for job in jobs]}
+        """``relay.done``'s ``storage``: what is on its way to the bucket, each file with the
+        presigned URL it will be read at (signing needs no request: it works once the file's
+        ``relay.stored`` says it is stored)."""
+        expiry = self.config.s3_url_expiry
+        expires = round(time.time() + expiry, 3)
+        files = [
+            {**job.announced(), "url": obstore.sign(self._signer, "GET", job.key, timedelta(seconds=expiry)),
+             "expires": expires}
+            for job in jobs
+        ]  # fmt: skip
+        return {"state": "storing", "bucket": self.bucket, "files": files}
 
     def start(
         self,

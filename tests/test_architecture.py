@@ -84,7 +84,9 @@ RULES = (
     Rule(
         "results leave through events: storage and webhooks know no session, socket or hub",
         ("relay.storage", "relay.webhooks", "relay.delivery"),
-        forbidden=frozenset({"relay.sessions", "relay.fanout", "relay.upstream", "relay.cluster", "relay.state"}),
+        forbidden=frozenset(
+            {"relay.sessions", "relay.fanout", "relay.upstream", "relay.cluster", "relay.state"}
+        ),
     ),
     Rule(
         "the product never imports the emulator",

@@ -106,6 +106,7 @@ async def test_images_are_stored_byte_identical_with_presigned_urls(
         expected_keys = {f"{prefix}/painter/{prompt_id}/{f['filename']}" for f in files}
         assert {f["key"] for f in announced["files"]} == expected_keys
         assert {s["key"] for s in stored} == expected_keys
+        early = {f["key"]: f["url"] for f in announced["files"]}  # signed at relay.done, valid once stored
         assert done["seq"] < min(s["seq"] for s in stored)  # storing never held relay.done back
         async with httpx.AsyncClient(timeout=30) as plain:
             for event in stored:
@@ -117,6 +118,7 @@ async def test_images_are_stored_byte_identical_with_presigned_urls(
                 assert fetched.content == original.content
                 assert event["size"] == len(original.content)
                 assert fetched.headers["content-type"] == "image/png"
+                assert (await plain.get(early[event["key"]])).content == original.content
                 unsigned = await plain.get(f"{s3_server.endpoint}/{s3_server.bucket}/{event['key']}")
                 assert unsigned.status_code == 403
                 assert event["expires"] > done["ts"] + 3000  # the default expiry: an hour
