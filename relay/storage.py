@@ -104,11 +104,6 @@ class Storage:
         self._tasks: set[asyncio.Task[None]] = set()
         self.closed = False
 
-    @property
-    def busy(self) -> int:
-        """Prompts whose files are still being stored."""
-        return len(self._tasks)
-
     def jobs(self, client_id: str, prompt_id: str, outputs: Any) -> list[FileJob]:
         return object_keys(self.config.s3_prefix, client_id, prompt_id, outputs)
 
@@ -134,7 +129,23 @@ class Storage:
         settled: Callable[[list[Stored]], None],
     ) -> None:
         """Store the files in the background: ``publish`` each one's ``relay.stored`` as it
-        settles, and hand every result to ``settled`` once all have."""
+        settles, and hand every result to ``settled`` once all have. A stopping relay starts
+        nothing: the files are reported failed at once."""
+        if self.closed:
+            error = "the relay was stopping when the prompt ended"
+            count = len(jobs)
+            failed = [
+                Stored(
+                    prompt_id, job.node, job.filename, job.kind, job.key, "failed", 0, count - n, error=error
+                )
+                for n, job in enumerate(jobs, start=1)
+            ]
+            self.metrics.stored_files.labels("failed").inc(count)
+            keys = [job.key for job in jobs]
+            log.error("files not stored", client_id=client_id, prompt_id=prompt_id, keys=keys, error=error)
+            publish(failed)
+            settled(failed)
+            return
         task = asyncio.create_task(
             self._store_prompt(client_id, prompt_id, list(jobs), publish, settled),
             name=f"store-{client_id}-{prompt_id}",

@@ -22,10 +22,14 @@ import obstore
 import pytest
 from obstore.store import S3Store
 
+from relay.config import RelayConfig
 from relay.emulator import RunningEmulator
 from relay.emulator.config import ComfyVersion
+from relay.events import Stored
+from relay.metrics import Metrics
 from relay.server import run_relay
-from relay.storage import object_keys
+from relay.storage import Storage, object_keys
+from relay.streaming import StreamingClient
 from tests.conftest import relay_config
 from tests.relay_client import Tab, open_tab
 from tests.s3_server import ExistingOutput, S3Server
@@ -399,3 +403,22 @@ async def test_a_restarted_relay_still_stores_what_was_asked(
     assert [f["key"] for f in done["storage"]["files"]] == [stored["key"]]
     assert stored["state"] == "stored"
     assert stored["key"].startswith(f"{prefix}/restarted/{prompt_id}/")
+
+
+async def test_a_stopping_relay_reports_files_failed_at_once() -> None:
+    """Once storage has closed (the relay stops), a prompt that ends starts no copy: each file
+    is reported failed at once, counting down, and the whole is settled."""
+    config = RelayConfig(s3_bucket="results", s3_endpoint="http://127.0.0.1:9", s3_prefix="p")
+    streams = StreamingClient("http://127.0.0.1:9", connect_timeout=1, read_timeout=1, max_connections=1)
+    storage = Storage(config, streams, Metrics())
+    await storage.close()
+    outputs = {
+        "9": {"images": [{"filename": f"a{n}.png", "subfolder": "", "type": "output"} for n in (1, 2)]}
+    }
+    published: list[Stored] = []
+    settled: list[list[Stored]] = []
+    storage.start("c", "pid", storage.jobs("c", "pid", outputs), published.extend, settled.append)
+    told = [(s.key, s.state, s.remaining) for s in published]
+    assert told == [("p/c/pid/a1.png", "failed", 1), ("p/c/pid/a2.png", "failed", 0)]
+    assert settled == [published]
+    await streams.aclose()
