@@ -96,3 +96,12 @@ def test_storage_benchmark_runs(s3_server: object) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, check=True)
     assert "relay.done -> relay.stored" in result.stdout
     assert result.stdout.count("ratio") == 2
+
+
+def test_s3_clients_benchmark_runs(s3_server: object) -> None:
+    """bench/s3_clients.py measures each installed S3 client (obstore here) and says which it
+    could not."""
+    command = [sys.executable, str(BENCH / "s3_clients.py"), "--megabytes", "2", "--repeat", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, check=True)
+    assert "obstore" in result.stdout
+    assert "presigned URL fetched whole: True" in result.stdout
