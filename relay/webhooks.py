@@ -89,15 +89,20 @@ def host_allowed(url: str, hosts: tuple[str, ...]) -> bool:
     An entry is a host name (``hooks.example.com``, any port), a host and port
     (``hooks.example.com:8443``), or ``*.example.com`` for its subdomains (not itself).
     """
+    # Parsed by the client that will make the call, so the host checked is the host called; no
+    # whitespace or control characters, which parsers disagree on (tests/fuzz).
+    if any(char.isspace() or ord(char) < 32 or ord(char) == 127 for char in url):
+        return False
     try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
+        parts = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError, TypeError):
         return False
-    host = (parts.hostname or "").lower().rstrip(".")
-    if parts.scheme not in ("http", "https") or not host or parts.username is not None:
+    host = parts.host.lower().rstrip(".")
+    if parts.scheme not in ("http", "https") or not host or parts.userinfo:
         return False
-    port = port or (443 if parts.scheme == "https" else 80)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    if not 0 < port < 65536:
+        return False
     for entry in hosts:
         name, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
         if entry_port and entry_port != str(port):

@@ -186,14 +186,22 @@ async def test_storage_down_is_retried_then_reported(emulator: RunningEmulator, 
 
 
 class Gate:
-    """A TCP forwarder to the S3 server that resets every connection until opened."""
+    """A TCP forwarder to the S3 server that resets every connection until opened; ``cut()``
+    resets the connections it carries and closes it again (storage lost mid-upload)."""
 
     def __init__(self, target: int) -> None:
         self.target = target
         self.open = False
         self.refused = 0
         self.passed = 0
+        self.bytes_up = 0  # towards the S3 server
         self.server: asyncio.Server | None = None
+        self._links: set[asyncio.StreamWriter] = set()
+
+    def cut(self) -> None:
+        self.open = False
+        for writer in list(self._links):
+            writer.transport.abort()
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -207,18 +215,22 @@ class Gate:
             return
         self.passed += 1
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        self._links |= {writer, up_writer}
 
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, *, up: bool) -> None:
             try:
                 while data := await source.read(65536):
+                    if up:
+                        self.bytes_up += len(data)
                     sink.write(data)
                     await sink.drain()
             except (ConnectionError, OSError):
                 pass
             finally:
                 sink.close()
+                self._links.discard(sink)
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        await asyncio.gather(pipe(reader, up_writer, up=True), pipe(up_reader, writer, up=False))
 
     async def close(self) -> None:
         if self.server is not None:
@@ -422,3 +434,43 @@ async def test_a_stopping_relay_reports_files_failed_at_once() -> None:
     assert told == [("p/c/pid/a1.png", "failed", 1), ("p/c/pid/a2.png", "failed", 0)]
     assert settled == [published]
     await streams.aclose()
+
+
+async def test_storage_lost_mid_upload_is_retried_to_a_whole_file(
+    emulator: RunningEmulator, s3_server: S3Server, gate: Gate, prefix: str
+) -> None:
+    """The connections to storage are reset in the middle of a 64 MB multipart upload and
+    storage refuses for a while: the try fails, a later one stores the whole file, byte for byte."""
+    emulator.state.catalogue.register(ExistingOutput)
+    data = os.urandom(64 * 1024 * 1024)
+    path = emulator.state.folders.output / "cut.bin"
+    path.write_bytes(data)
+    assert gate.server is not None
+    gate_port = gate.server.sockets[0].getsockname()[1]
+    through_gate = {"s3_endpoint": f"http://127.0.0.1:{gate_port}", "s3_public_endpoint": s3_server.endpoint}
+    settings = storage_settings(s3_server, prefix, **through_gate, s3_attempts=8, s3_backoff=0.2)
+    gate.open = True
+    try:
+        async with run_relay(relay_config(emulator, **settings)) as relay, \
+                httpx.AsyncClient(base_url=relay.url) as http:  # fmt: skip
+            tab = await open_tab(relay.ws_url, "clientId=cutoff")
+            graph = {"1": {"class_type": "TestExistingOutput", "inputs": {"filename": "cut.bin"}}}
+            prompt_id = await submit(http, "cutoff", graph, store=True)
+            async with asyncio.timeout(60):
+                while gate.bytes_up < 20 * 1024 * 1024:  # two parts and more on their way
+                    await asyncio.sleep(0.01)
+            gate.cut()
+            retried = relay.state.metrics.stored_files.labels("retried")
+            async with asyncio.timeout(60):
+                while retried._value.get() < 1:
+                    await asyncio.sleep(0.02)
+            gate.open = True
+            (event,) = await all_stored(tab, prompt_id, timeout=120)
+            await tab.close()
+        assert event["state"] == "stored", event
+        assert event["attempts"] >= 2
+        assert event["size"] == len(data)
+        kept = await obstore.get_async(bucket(s3_server), event["key"])
+        assert bytes(await kept.bytes_async()) == data
+    finally:
+        path.unlink(missing_ok=True)
