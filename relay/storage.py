@@ -15,7 +15,6 @@ S3 client is obstore (Rust's object_store): of the async clients measured it str
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import mimetypes
 import random
 import time
@@ -33,6 +32,7 @@ from obstore.store import S3Store
 from relay.errors import RelayError
 from relay.events import Stored, file_refs
 from relay.streaming import BodyCutShort, StreamingClient
+from relay.tasks import wind_down
 
 if TYPE_CHECKING:
     from relay.config import RelayConfig
@@ -276,14 +276,7 @@ class Storage:
     async def close(self) -> None:
         """Give files in transfer a moment, then report the rest failed."""
         self.closed = True
-        if not self._tasks:
-            return
-        _done, waiting = await asyncio.wait(set(self._tasks), timeout=_CLOSE_GRACE)
-        for task in waiting:
-            task.cancel()
-        for task in waiting:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await wind_down(self._tasks, _CLOSE_GRACE)
 
 
 def _describe(exc: BaseException) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import hashlib
 import hmac
 import random
@@ -35,6 +34,7 @@ import orjson
 import structlog
 
 from relay import __version__
+from relay.tasks import wind_down
 
 if TYPE_CHECKING:
     from relay.config import RelayConfig
@@ -243,16 +243,9 @@ class Webhooks:
     async def close(self) -> None:
         """Let deliveries under way finish for a moment, then write the rest off; close the client."""
         self.closed = True
-        if self._tasks:
-            _done, waiting = await asyncio.wait(set(self._tasks), timeout=_CLOSE_GRACE)
-            for task in waiting:
-                task.cancel()
-            for task in waiting:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            # Dead letters written by the cancelled ones.
-            while self._tasks:
-                await asyncio.wait(set(self._tasks))
+        await wind_down(self._tasks, _CLOSE_GRACE)
+        while self._tasks:  # dead letters written by the cancelled ones
+            await asyncio.wait(set(self._tasks))
         await self._client.aclose()
 
 

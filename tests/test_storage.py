@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -32,6 +30,7 @@ from relay.storage import Storage, object_keys
 from relay.streaming import StreamingClient
 from tests.conftest import relay_config
 from tests.relay_client import Tab, open_tab
+from tests.relay_processes import RelayProcess
 from tests.s3_server import ExistingOutput, S3Server
 from tests.test_emulator_cli import free_port
 from tests.tracekit import load_trace
@@ -332,7 +331,7 @@ def rss(pid: int) -> int:
 
 
 async def test_storing_500_mb_keeps_relay_memory_flat(
-    emulator: RunningEmulator, s3_server: S3Server, prefix: str
+    emulator: RunningEmulator, s3_server: S3Server, prefix: str, tmp_path: Path
 ) -> None:
     """A relay process stores a 500 MB output file with its memory growing by under 64 MB
     (two 8 MiB parts in flight, and the client's buffers), and the whole file arrives."""
@@ -342,23 +341,21 @@ async def test_storing_500_mb_keeps_relay_memory_flat(
     (folder / "warm.bin").write_bytes(os.urandom(12 * 1024 * 1024))
     with (folder / "huge.bin").open("wb") as handle:
         handle.truncate(size)  # sparse: no disk, reads as zeros
-    port = free_port()
     storage = {f"RELAY_{k.upper()}": str(v) for k, v in storage_settings(s3_server, prefix).items()}
-    env = {**os.environ, "COMFYUI_URL": emulator.url, "RELAY_PORT": str(port), "RELAY_LOG_LEVEL": "warning",
-           "RELAY_ETA_FILE": "", **storage}  # fmt: skip
-    relay = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "relay", "serve", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    env = {
+        **os.environ,
+        "COMFYUI_URL": emulator.url,
+        "RELAY_LOG_LEVEL": "warning",
+        "RELAY_ETA_FILE": "",
+        **storage,
+    }
+    relay = RelayProcess("storing", env, tmp_path / "relay.log")
+    await relay.start()
+    assert relay.process is not None
+    pid = relay.process.pid
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
-            async with asyncio.timeout(20):
-                while True:
-                    try:
-                        if (await http.get("/healthz")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        await asyncio.sleep(0.05)
-            tab = await open_tab(f"ws://127.0.0.1:{port}/ws", "clientId=bigfile")
+        async with httpx.AsyncClient(base_url=relay.url, timeout=60) as http:
+            tab = await open_tab(relay.ws_url, "clientId=bigfile")
 
             def graph(name: str) -> dict[str, Any]:
                 return {"1": {"class_type": "TestExistingOutput", "inputs": {"filename": name}}}
@@ -367,11 +364,11 @@ async def test_storing_500_mb_keeps_relay_memory_flat(
             warm = await submit(http, "bigfile", graph("warm.bin"), store=True)
             (warmed,) = await all_stored(tab, warm)
             assert warmed["state"] == "stored", warmed
-            baseline = peak = rss(relay.pid)
+            baseline = peak = rss(pid)
             prompt_id = await submit(http, "bigfile", graph("huge.bin"), store=True)
             waiting = asyncio.ensure_future(all_stored(tab, prompt_id, timeout=300))
             while not waiting.done():
-                peak = max(peak, rss(relay.pid))
+                peak = max(peak, rss(pid))
                 await asyncio.wait([waiting], timeout=0.02)
             (event,) = waiting.result()
             await tab.close()
@@ -383,8 +380,7 @@ async def test_storing_500_mb_keeps_relay_memory_flat(
         print(f"relay RSS growth while storing 500 MB: {growth / 1e6:.1f} MB")
         assert growth < 64 * 1024 * 1024, f"relay RSS grew by {growth / 1e6:.1f} MB"
     finally:
-        relay.terminate()
-        await relay.wait()
+        await relay.stop()
         for name in ("huge.bin", "warm.bin"):
             (folder / name).unlink(missing_ok=True)
 
