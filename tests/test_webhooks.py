@@ -63,6 +63,9 @@ class Receiver:
     statuses: list[int] = field(default_factory=list)
     arrivals: list[Arrival] = field(default_factory=list)
     hold: asyncio.Event | None = None
+    # Requests to keep unanswered (until the receiver stops), from the first one.
+    stall_first: int = 0
+    stalled: asyncio.Event = field(default_factory=asyncio.Event)
     holding: int = 0
     answered: int = 0
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -72,6 +75,8 @@ class Receiver:
         arrival = Arrival(request.url.path, dict(request.headers), await request.body())
         self.arrivals.append(arrival)
         self.changed.set()
+        if len(self.arrivals) <= self.stall_first:
+            await self.stalled.wait()
         if self.hold is not None:
             self.holding += 1
             self.changed.set()
@@ -112,6 +117,7 @@ async def receiver() -> AsyncIterator[Receiver]:
     finally:
         if receiving.hold is not None:
             receiving.hold.set()
+        receiving.stalled.set()
         await receiving.server.stop()
 
 
@@ -316,3 +322,24 @@ def test_webhook_settings_are_checked() -> None:
         RelayConfig(webhook_secret="whsec_" + base64.b64encode(b"short").decode())
     with pytest.raises(ConfigError, match="base64"):
         RelayConfig(webhook_secret="whsec_not base64!")
+
+
+async def test_a_receiver_that_never_answers_is_timed_out_and_tried_again(
+    emulator: RunningEmulator, receiver: Receiver
+) -> None:
+    """The first try gets no answer at all: after webhook_timeout it counts as failed and the
+    message is tried again, under the same id, and delivered."""
+    receiver.stall_first = 1
+    settings = hook_settings(webhook_timeout=0.3)
+    async with (
+        run_relay(relay_config(emulator, **settings)) as relay,
+        httpx.AsyncClient(base_url=relay.url) as http,
+    ):
+        await submit(http, "stalled", webhook_url=f"{receiver.url}/hook")
+        metrics = relay.state.metrics.webhook_deliveries
+        async with asyncio.timeout(20):
+            while metrics.labels("delivered")._value.get() < 1:
+                await asyncio.sleep(0.01)
+        assert metrics.labels("retried")._value.get() == 1
+    assert len(receiver.arrivals) == 2
+    assert len({a.headers["webhook-id"] for a in receiver.arrivals}) == 1
