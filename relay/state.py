@@ -14,7 +14,7 @@ import contextlib
 import gc
 import time
 from collections.abc import AsyncIterator
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 import structlog
 from redis.asyncio import Redis
@@ -29,10 +29,12 @@ from relay.metrics import Metrics
 from relay.observers import EtaKeeper, MetricsObserver, StepLog
 from relay.proxy import ProxyContext
 from relay.sessions import Sessions
-from relay.storage import Storage
 from relay.streaming import StreamingClient
 from relay.webhooks import Webhooks
 from relay.workflows import Library
+
+if TYPE_CHECKING:
+    from relay.storage import Storage
 
 log = structlog.get_logger("relay.state")
 
@@ -61,7 +63,12 @@ class RelayState:
         self.durations = durations
         self.eta = EtaKeeper(durations, redis)
         self.redis = redis
-        self.storage = Storage(config, streams, metrics) if config.s3_bucket else None
+        self.storage: Storage | None = None
+        if config.s3_bucket:
+            # The S3 client loads only where storage is configured.
+            from relay.storage import Storage  # noqa: PLC0415
+
+            self.storage = Storage(config, streams, metrics)
         self.webhooks = Webhooks(config, metrics) if config.webhook_secret else None
         storing = frozenset(workflow.name for workflow in workflows if workflow.store)
         self.deliveries = Deliveries(config, self.storage, self.webhooks, storing_workflows=storing)

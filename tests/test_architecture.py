@@ -208,7 +208,8 @@ def test_the_architecture_document_names_every_rule() -> None:
 
 @pytest.mark.slow
 def test_serve_does_not_load_the_emulator(tmp_path: Path) -> None:
-    """`comfy-relay serve`, up and answering, has imported neither the emulator nor Pillow."""
+    """`comfy-relay serve`, up and answering, has imported neither the emulator nor Pillow, nor,
+    without storage configured, the S3 client."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -236,7 +237,7 @@ def test_serve_does_not_load_the_emulator(tmp_path: Path) -> None:
             process.wait(timeout=30)
     loaded = {line.rsplit("|", 1)[-1].strip() for line in log.read_text().splitlines() if "|" in line}
     assert "relay.app" in loaded  # the log is the real one
-    assert not {m for m in loaded if m.startswith(("relay.emulator", "PIL"))}
+    assert not {m for m in loaded if m.startswith(("relay.emulator", "PIL", "obstore", "relay.storage"))}
 
 
 def test_serve_command_leaves_the_emulator_out_of_sys_modules(tmp_path: Path) -> None:
