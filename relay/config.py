@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from relay.i18n import LANGUAGES
 
-__all__ = ["DESCRIPTIONS", "ENV_NAMES", "SECRETS", "ConfigError", "RelayConfig"]
+__all__ = ["DESCRIPTIONS", "ENV_NAMES", "ENV_ONLY", "SECRETS", "ConfigError", "RelayConfig"]
 
 LogFormat = Literal["console", "json"]
 
@@ -207,9 +207,8 @@ class RelayConfig:
             raise ConfigError("s3_part_size must be between 5 MiB (S3's smallest part) and 512 MiB")
         if self.s3_attempts < 1 or self.s3_concurrency < 1 or self.s3_backoff < 0:
             raise ConfigError("s3_attempts and s3_concurrency must be at least 1, s3_backoff not negative")
-        if any(
-            part in ("", ".", "..") for part in self.s3_prefix.strip("/").split("/")
-        ) and self.s3_prefix.strip("/"):
+        prefix = self.s3_prefix.strip("/")
+        if prefix and any(part in ("", ".", "..") for part in prefix.split("/")):
             raise ConfigError("RELAY_S3_PREFIX must not hold empty, '.' or '..' segments")
 
     def _check_webhooks(self) -> None:

@@ -20,7 +20,7 @@ import obstore
 import pytest
 from obstore.store import S3Store
 
-from relay.config import RelayConfig
+from relay.config import ConfigError, RelayConfig
 from relay.emulator import RunningEmulator
 from relay.emulator.config import ComfyVersion
 from relay.events import Stored
@@ -470,3 +470,20 @@ async def test_storage_lost_mid_upload_is_retried_to_a_whole_file(
         assert bytes(await kept.bytes_async()) == data
     finally:
         path.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"s3_prefix": "a/../b"}, "RELAY_S3_PREFIX"),
+        ({"s3_store": "sometimes"}, "RELAY_S3_STORE"),
+        ({"s3_endpoint": "http://minio:9000/bucket"}, "no path"),
+        ({"s3_bucket": "b", "s3_access_key_id": "k"}, "go together"),
+        ({"s3_part_size": 1024}, "5 MiB"),
+        ({"s3_url_expiry": 8 * 24 * 3600}, "7 days"),
+    ],
+)
+def test_storage_settings_are_checked(settings: dict[str, Any], message: str) -> None:
+    """A storage setting the relay cannot use stops it at start, naming the setting."""
+    with pytest.raises(ConfigError, match=message):
+        RelayConfig(**settings)

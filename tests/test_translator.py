@@ -18,7 +18,7 @@ from relay.protocol import (
     encode_preview_with_metadata,
     encode_text,
 )
-from relay.translator import Plan, StepSpec, StepTiming, Translation, Translator, humanize
+from relay.translator import Delivery, Plan, StepSpec, StepTiming, Translation, Translator, humanize
 from tests.tracekit import TRACES, Frame, load_trace
 
 OUTPUT_CLASSES = {
@@ -384,8 +384,11 @@ def test_a_prompt_handed_to_another_translator_goes_on_where_it_stopped() -> Non
         spec.node: Localized({"en": f"step {spec.node}", "ko": f"단계 {spec.node}"}, "ko")
         for spec in plan.steps
     }
+    wanted = Delivery(store=True, webhook_url="https://hooks.example.com/x", webhook_steps=True)
     plan = Plan(
-        tuple(StepSpec(s.node, s.class_type, names[s.node], s.iterations) for s in plan.steps), plan.others
+        tuple(StepSpec(s.node, s.class_type, names[s.node], s.iterations) for s in plan.steps),
+        plan.others,
+        delivery=wanted,
     )
     frames = [
         (r["t"], wire(Frame.from_record(r)))
@@ -411,6 +414,9 @@ def test_a_prompt_handed_to_another_translator_goes_on_where_it_stopped() -> Non
     record = orjson.loads(orjson.dumps(first.export(prompt_id, now, now + wall)))
     second, skew = Translator(file_url=file_url), 12_345.0  # the other relay's monotonic clock
     assert second.adopt(prompt_id, record, now + skew, now + wall)
+    adopted = second.plan_of(prompt_id)
+    assert adopted is not None
+    assert adopted.delivery == wanted  # what the prompt asked for (storage, webhook) goes along
     after = [e for later, frame in frames[cut:] for e in plain(second.frame(frame, later + skew))]
     assert before + after == expected
     assert any(e["type"] == "relay.step" and e["index"] > 2 for e in after)
