@@ -77,7 +77,7 @@ def create_app(config: RelayConfig | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[Lifespan]:
         async with open_relay(config, app_metrics, workflows) as state:
-            log.info("relay started", comfyui=config.comfyui_url, version=__version__)
+            log.info("relay started", comfyui=list(config.backend_entries), version=__version__)
             try:
                 yield state
             finally:

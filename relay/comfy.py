@@ -24,7 +24,7 @@ import orjson
 import structlog
 
 from relay.config import RelayConfig
-from relay.errors import UpstreamTimeout, UpstreamUnavailable
+from relay.errors import UpstreamTimeout, UpstreamUnavailable, UpstreamUnreached
 
 __all__ = ["Capabilities", "ComfyClient", "Fate", "UpstreamAnswer"]
 
@@ -74,7 +74,13 @@ _NOT_JSON = (orjson.JSONDecodeError, AttributeError, TypeError)
 
 
 class ComfyClient:
-    def __init__(self, config: RelayConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        config: RelayConfig,
+        *,
+        base_url: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         timeout = httpx.Timeout(
             connect=config.http_connect_timeout,
             read=config.http_read_timeout,
@@ -83,7 +89,10 @@ class ComfyClient:
         )
         limits = httpx.Limits(max_connections=config.http_max_connections, max_keepalive_connections=20)
         self.http = httpx.AsyncClient(
-            base_url=config.comfyui_url.rstrip("/"), timeout=timeout, limits=limits, transport=transport
+            base_url=(base_url or config.comfyui_url).rstrip("/"),
+            timeout=timeout,
+            limits=limits,
+            transport=transport,
         )
         self._capabilities: Capabilities | None = None
         self._output_classes: frozenset[str] | None = None
@@ -99,6 +108,8 @@ class ComfyClient:
             response = await self.http.request(method, path, **kwargs)
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout(f"ComfyUI did not answer {method} {path} in time") from exc
+        except httpx.ConnectError as exc:
+            raise UpstreamUnreached(f"ComfyUI is unreachable: {exc.__class__.__name__}") from exc
         except httpx.TransportError as exc:
             raise UpstreamUnavailable(f"ComfyUI is unreachable: {exc.__class__.__name__}") from exc
         return UpstreamAnswer(response.status_code, response.content, response.headers.get("content-type"))

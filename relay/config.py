@@ -27,6 +27,19 @@ class RelayConfig:
     """Everything the relay can be told. Each field also reads from the environment (ENV_NAMES)."""
 
     comfyui_url: str = "http://127.0.0.1:8188"
+    # Several ComfyUI backends: a comma-separated list of base URLs; an entry written
+    # dns+http://name:port is a name (a headless Service) whose addresses are each a backend,
+    # looked up again every backend_resolve_interval seconds. Set, it replaces comfyui_url.
+    comfyui_urls: str = ""
+    # How each prompt picks its backend: least-loaded (by queue, keeping a workflow where it
+    # ran last) or round-robin.
+    routing: str = "least-loaded"
+    # Seconds between checks of each backend's health and queue (with several backends).
+    backend_check_interval: float = 2.0
+    # Seconds a backend may stay unreachable (not refusing: a refusal is final) before the
+    # prompts it was running are reported lost.
+    backend_lost_after: float = 10.0
+    backend_resolve_interval: float = 10.0
     host: str = "127.0.0.1"
     port: int = 8190
     log_format: LogFormat = "console"
@@ -148,6 +161,7 @@ class RelayConfig:
     def __post_init__(self) -> None:
         if not self.comfyui_url.startswith(("http://", "https://")):
             raise ConfigError(f"COMFYUI_URL must be an http(s) URL, not {self.comfyui_url!r}")
+        self._check_backends()
         if self.log_format not in ("console", "json"):
             raise ConfigError(f"RELAY_LOG_FORMAT must be console or json, not {self.log_format!r}")
         for name in (
@@ -191,6 +205,36 @@ class RelayConfig:
             raise ConfigError("ready_timeout must be positive and shutdown_grace not negative")
         self._check_storage()
         self._check_webhooks()
+
+    def _check_backends(self) -> None:
+        for entry in self.backend_entries:
+            if not re.fullmatch(r"(dns\+)?https?://([A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(:\d{1,5})?", entry):
+                raise ConfigError(
+                    f"RELAY_COMFYUI_URLS: {entry!r} is not scheme://host:port (or dns+http://name:port)"
+                )
+        if self.comfyui_urls and not self.backend_entries:
+            raise ConfigError("RELAY_COMFYUI_URLS names no backend")
+        if self.routing not in ("least-loaded", "round-robin"):
+            raise ConfigError(f"RELAY_ROUTING must be least-loaded or round-robin, not {self.routing!r}")
+        if (
+            min(self.backend_check_interval, self.backend_resolve_interval) <= 0
+            or self.backend_lost_after < 0
+        ):
+            raise ConfigError("backend_check_interval and backend_resolve_interval must be positive, "
+                              "backend_lost_after not negative")  # fmt: skip
+
+    @property
+    def backend_entries(self) -> tuple[str, ...]:
+        """The ComfyUI backends as configured: RELAY_COMFYUI_URLS, else COMFYUI_URL alone."""
+        if not self.comfyui_urls:
+            return (self.comfyui_url.rstrip("/"),)
+        return tuple(item.strip().rstrip("/") for item in self.comfyui_urls.split(",") if item.strip())
+
+    @property
+    def pooled(self) -> bool:
+        """Whether prompts are routed among backends (more than one, or a name to look up)."""
+        entries = self.backend_entries
+        return len(entries) > 1 or any(entry.startswith("dns+") for entry in entries)
 
     def _check_storage(self) -> None:
         for name in ("s3_endpoint", "s3_public_endpoint"):
@@ -276,6 +320,11 @@ class RelayConfig:
 # One line per setting, for `comfy-relay serve --help` and docs/deploy.md.
 DESCRIPTIONS: dict[str, str] = {
     "comfyui_url": "base URL of the ComfyUI server",
+    "comfyui_urls": "several ComfyUI servers, comma-separated; dns+http://name:port: each address of a name",
+    "routing": "how a prompt picks its backend: least-loaded or round-robin",
+    "backend_check_interval": "seconds between health and queue checks of each backend",
+    "backend_lost_after": "seconds a backend may be unreachable before its running prompts count as lost",
+    "backend_resolve_interval": "seconds between lookups of a dns+ backend name",
     "host": "address to listen on",
     "port": "port to listen on",
     "log_format": "console (for people) or json (one object per line)",
@@ -341,6 +390,11 @@ DESCRIPTIONS: dict[str, str] = {
 
 ENV_NAMES: dict[str, str] = {
     "comfyui_url": "COMFYUI_URL",
+    "comfyui_urls": "RELAY_COMFYUI_URLS",
+    "routing": "RELAY_ROUTING",
+    "backend_check_interval": "RELAY_BACKEND_CHECK_INTERVAL",
+    "backend_lost_after": "RELAY_BACKEND_LOST_AFTER",
+    "backend_resolve_interval": "RELAY_BACKEND_RESOLVE_INTERVAL",
     "host": "RELAY_HOST",
     "port": "RELAY_PORT",
     "log_format": "RELAY_LOG_FORMAT",

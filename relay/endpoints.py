@@ -61,27 +61,36 @@ async def readyz(request: Request[Lifespan]) -> Response:
         return unready("shutting_down", "the relay is shutting down")
     if state.connections >= state.config.max_connections:
         return unready("at_capacity", f"{state.connections} sockets open, the limit is reached")
-    check = await state.readiness.comfyui()
-    if not check.reachable:
-        return unready(
-            "comfyui_unreachable", check.problem or "ComfyUI did not answer", comfyui=check.public()
-        )
-    comfyui = check.public()
-    with contextlib.suppress(RelayError):  # which ComfyUI: asked once, then remembered
-        comfyui.update((await state.comfy.capabilities()).public())
-    body: dict[str, Any] = {
-        "status": "ready",
-        "version": __version__,
-        "comfyui": comfyui,
-        "connections": state.connections,
-    }
+    body: dict[str, Any] = {"status": "ready", "version": __version__}
+    degraded: list[str] = []
+    if state.readiness is None:
+        # Several backends: ready while one is up; each one's state from the relay's checks.
+        backends = [backend.public() for backend in state.backends]
+        if not state.backends.up():
+            return unready("comfyui_unreachable", "no ComfyUI backend is up", backends=backends)
+        body["backends"] = backends
+        if any(backend["state"] == "down" for backend in backends):
+            degraded.append("backend_down")
+    else:
+        check = await state.readiness.comfyui()
+        if not check.reachable:
+            return unready(
+                "comfyui_unreachable", check.problem or "ComfyUI did not answer", comfyui=check.public()
+            )
+        comfyui = check.public()
+        with contextlib.suppress(RelayError):  # which ComfyUI: asked once, then remembered
+            comfyui.update((await state.comfy.capabilities()).public())
+        body["comfyui"] = comfyui
+    body["connections"] = state.connections
     if state.redis is not None:
         # Without Redis the relay still relays; only resuming across restarts waits for it.
         # Ready, then, but saying so: taking every replica out of service would be worse.
         redis = await _redis_check(state.redis)
         body["redis"] = redis
         if not redis["reachable"]:
-            body["degraded"] = ["redis_unreachable"]
+            degraded.append("redis_unreachable")
+    if degraded:
+        body["degraded"] = degraded
     cluster = state.sessions.cluster
     if cluster is not None:
         live = state.sessions.live_state()

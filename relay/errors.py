@@ -42,6 +42,7 @@ __all__ = [
     "CLOSE_TOO_SLOW",
     "CLOSE_UNAUTHORIZED",
     "BadRequest",
+    "Conflict",
     "NotFound",
     "OriginNotAllowed",
     "PayloadTooLarge",
@@ -54,6 +55,7 @@ __all__ = [
     "Unauthorized",
     "UpstreamTimeout",
     "UpstreamUnavailable",
+    "UpstreamUnreached",
     "error_frame",
     "error_response",
     "exception_handlers",
@@ -150,9 +152,18 @@ class ShuttingDown(RelayError):
     kind = "shutting_down"
 
 
+class Conflict(RelayError):
+    status = 409
+    kind = "conflict"
+
+
 class UpstreamUnavailable(RelayError):
     status = 502
     kind = "upstream_unavailable"
+
+
+class UpstreamUnreached(UpstreamUnavailable):
+    """No connection to ComfyUI could be made: the request never reached it (safe to send elsewhere)."""
 
 
 class UpstreamTimeout(RelayError):

@@ -76,9 +76,12 @@ class Error(Event):
 @dataclass(frozen=True, slots=True)
 class Upstream(Event):
     type = "relay.upstream"
+    optional = frozenset({"backend"})
     state: str
     attempt: int
     reason: str | None
+    # With several ComfyUI backends: which one this socket goes to.
+    backend: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -181,6 +181,37 @@ class Metrics:
         self.comfyui_up = Gauge(
             "relay_comfyui_up", "Whether ComfyUI answered the last readiness check", registry=registry
         )
+        # Several backends (relay.backends): each one's state, queue and the prompts routed to it.
+        self.backend_state = Gauge(
+            "relay_backend_state",
+            "Each ComfyUI backend's state (1 for the state it is in): up, down or draining",
+            ["backend", "state"],
+            registry=registry,
+        )
+        self.backend_queue = Gauge(
+            "relay_backend_queue",
+            "Prompts in each backend's queue, running included, as it last said",
+            ["backend"],
+            registry=registry,
+        )
+        self.backend_in_flight = Gauge(
+            "relay_backend_in_flight",
+            "Prompts this relay routed to each backend that have not ended",
+            ["backend"],
+            registry=registry,
+        )
+        self.backend_prompts = Counter(
+            "relay_backend_prompts_total",
+            "Prompts routed to each backend",
+            ["backend"],
+            registry=registry,
+        )
+        self.backend_lost = Counter(
+            "relay_backend_lost_total",
+            "Times a backend went away with prompts running on it (they were reported lost)",
+            ["backend"],
+            registry=registry,
+        )
         self._event_children: dict[str, Any] = {}
         # What subscribers that have gone counted; live ones are added at scrape time.
         self.retired_coalesced = 0

@@ -19,12 +19,22 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from relay.errors import BadRequest, NotFound, PayloadTooLarge, RelayError
+from relay.backends import affinity_of, input_names
+from relay.errors import (
+    BadRequest,
+    NotFound,
+    PayloadTooLarge,
+    RelayError,
+    UpstreamUnavailable,
+    UpstreamUnreached,
+)
 from relay.i18n import Localized
 from relay.metrics import workflow_label
 from relay.plans import build_plan, failed_outputs
 from relay.routing import CLIENT_ID, canonical_uuid, routed_prompt
-from relay.state import Lifespan
+from relay.sessions import ClientSession
+from relay.state import Lifespan, RelayState
+from relay.translator import Delivery
 from relay.workflows import Workflow
 
 # Longest POST /prompt waits, with Redis, for Redis to have the prompt before answering.
@@ -115,7 +125,16 @@ async def cancel_prompt(request: Request[Lifespan]) -> Response:
     if not canonical_uuid(prompt_id):
         raise BadRequest("the prompt id must be a canonical lowercase UUID", "invalid_prompt_id")
     state = request.state["relay"]
-    cancelled = await state.comfy.cancel(prompt_id)
+    backends = state.backends
+    known = backends.route_of(prompt_id)
+    cancelled = False
+    # Where it was sent; a prompt this relay did not route is looked for on every backend up.
+    for backend in (
+        [known] if known is not None else (backends.up() if backends.pooled else [backends.first()])
+    ):
+        cancelled = await backend.comfy.cancel(prompt_id)
+        if cancelled:
+            break
     await state.sessions.settle_removed()
     return _json({"prompt_id": prompt_id, "cancelled": cancelled})
 
@@ -184,7 +203,6 @@ async def _submit(
     )
     client_id = _client_id_of(request, body)
     prompt_id = _prompt_id_of(body)
-    names = _step_names(workflow, state.config.language)
     workflow_name = workflow.name if workflow is not None else None
     session = state.sessions.get(client_id)
     session.registering += 1
@@ -197,33 +215,19 @@ async def _submit(
             forwarded = await cluster.forward(request, session, path="/prompt", body=whole)
             if forwarded is not None:
                 return forwarded
-        await session.ensure_upstream()
-        classes = {str(node.get("class_type")) for node in graph.values()}
-        output_classes = await state.comfy.output_classes(classes)
-        targets = body.get("partial_execution_targets")
-        plan = build_plan(graph, output_classes, targets=targets, names=names, workflow=workflow_name)
-        plan = replace(plan, delivery=delivery)
-        session.translator.register(prompt_id, plan, time.monotonic())
-        forward = routed_prompt({**body, "prompt_id": prompt_id}, client_id, session.route(prompt_id))
-        try:
-            answer = await state.comfy.post_prompt(forward)
-        except RelayError:
-            session.translator.reject(prompt_id)
-            session.unroute(prompt_id)
-            raise
-        if answer.status != 200:
-            session.translator.reject(prompt_id)
-            session.unroute(prompt_id)
-            state.metrics.prompts.labels("rejected", workflow_label(workflow_name)).inc()
-            return Response(answer.content, status_code=answer.status, media_type=answer.content_type)
-        accepted = answer.json()
-        skip = failed_outputs(accepted.get("node_errors"))
-        if skip:
-            plan = build_plan(
-                graph, output_classes, targets=targets, skip_outputs=skip, names=names, workflow=workflow_name
-            )
-            plan = replace(plan, delivery=delivery)
-        session.apply(session.translator.accept(prompt_id, accepted.get("number"), time.monotonic(), plan))
+        sent = await _send(
+            state,
+            session,
+            body=body,
+            graph=graph,
+            prompt_id=prompt_id,
+            client_id=client_id,
+            workflow=workflow,
+            delivery=delivery,
+        )
+        if isinstance(sent, Response):
+            return sent
+        accepted = sent
         if session.backlog is not None:
             # With Redis, answer once Redis has the prompt: a relay that dies right after
             # leaves it to the next one (found by tests/faults: a prompt accepted a moment
@@ -237,6 +241,92 @@ async def _submit(
         return _json(answer_body)
     finally:
         session.registering -= 1
+
+
+async def _send(
+    state: RelayState,
+    session: ClientSession,
+    *,
+    body: dict[str, Any],
+    graph: dict[str, Any],
+    prompt_id: str,
+    client_id: str,
+    workflow: Workflow | None,
+    delivery: Delivery | None,
+) -> dict[str, Any] | Response:
+    """Route the prompt to a backend, register it, send it: ComfyUI's acceptance, or its
+    refusal to pass back. With several backends, one that cannot be reached before the prompt
+    left is taken out of routing and the next one is tried."""
+    backends = state.backends
+    names = _step_names(workflow, state.config.language)
+    workflow_name = workflow.name if workflow is not None else None
+    affinity = affinity_of(graph, workflow_name)
+    inputs = input_names(graph)
+    tried: list[str] = []
+    while True:
+        backend = backends.pick(affinity, inputs, avoid=tried)
+        # Counted at once: prompts arriving together must see each other's load.
+        backends.assign(backend, prompt_id, affinity)
+        kept = False
+        link = session.link(backend)
+        link.registering += 1
+        try:
+            try:
+                await session.ensure_upstream(link)
+            except UpstreamUnavailable as exc:
+                if not backends.pooled:
+                    raise
+                backends.failed(backend, exc.message)
+                tried.append(backend.name)
+                continue
+            classes = {str(node.get("class_type")) for node in graph.values()}
+            output_classes = await backend.comfy.output_classes(classes)
+            targets = body.get("partial_execution_targets")
+            plan = build_plan(graph, output_classes, targets=targets, names=names, workflow=workflow_name)
+            plan = replace(plan, delivery=delivery)
+            session.translator.register(prompt_id, plan, time.monotonic())
+            forward = routed_prompt(
+                {**body, "prompt_id": prompt_id}, client_id, session.route(prompt_id, link)
+            )
+            try:
+                answer = await backend.comfy.post_prompt(forward)
+            except RelayError as exc:
+                session.translator.reject(prompt_id)
+                session.unroute(prompt_id)
+                if isinstance(exc, UpstreamUnreached) and backends.pooled:
+                    backends.failed(backend, exc.message)  # the prompt never left: try another
+                    tried.append(backend.name)
+                    continue
+                raise
+            if answer.status != 200:
+                session.translator.reject(prompt_id)
+                session.unroute(prompt_id)
+                state.metrics.prompts.labels("rejected", workflow_label(workflow_name)).inc()
+                return Response(answer.content, status_code=answer.status, media_type=answer.content_type)
+            backends.sent(backend)
+            kept = True
+            accepted: dict[str, Any] = answer.json()
+            skip = failed_outputs(accepted.get("node_errors"))
+            if skip:
+                plan = build_plan(
+                    graph,
+                    output_classes,
+                    targets=targets,
+                    skip_outputs=skip,
+                    names=names,
+                    workflow=workflow_name,
+                )
+                plan = replace(plan, delivery=delivery)
+            session.apply(
+                session.translator.accept(prompt_id, accepted.get("number"), time.monotonic(), plan)
+            )
+            if backends.pooled:
+                accepted["backend"] = backend.name
+            return accepted
+        finally:
+            link.registering -= 1
+            if not kept:
+                backends.unassign(prompt_id)
 
 
 async def list_workflows(request: Request[Lifespan]) -> Response:

@@ -26,11 +26,11 @@ import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from relay.comfy import ComfyClient
+from relay.backends import Backend, Backends
 from relay.config import RelayConfig
 from relay.errors import RelayError, StreamReset, UpstreamUnavailable
 from relay.eventlog import Notice, RedisBacklog, RedisLog
-from relay.events import Detached, Done, Event, Queued, Snapshot
+from relay.events import Detached, Done, Event, Queue, Queued, Snapshot
 from relay.events import Upstream as UpstreamEvent
 from relay.fanout import Channel, Subscriber
 from relay.lease import Lease
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from relay.cluster import Cluster
     from relay.delivery import Deliveries
 
-__all__ = ["ClientSession", "Role", "Sessions", "live_state"]
+__all__ = ["ClientSession", "Link", "Role", "Sessions", "live_state"]
 
 # local: no Redis, this relay is the only one; owner: this relay holds the client's lease;
 # follower: another relay does, and this one serves its tabs from the client's stream.
@@ -59,12 +59,46 @@ log = structlog.get_logger("relay.session")
 _CLOSE_LIMIT = 12.0
 
 
+class Link:
+    """A client's socket to one backend. Its :class:`Upstream` reports here, and the session
+    hears which backend spoke; the translator never does."""
+
+    def __init__(self, session: ClientSession, backend: Backend) -> None:
+        self.session = session
+        self.backend = backend
+        self.name = backend.name
+        self.upstream = Upstream(session.client_id, self, session.config, ws_url=backend.ws_url)
+        # Until its first socket opens: then, without Redis, look for prompts of this client
+        # that the backend still has and this relay does not know (it restarted).
+        self.fresh = True
+        # Prompts on this backend taken over from another relay, to reconcile once open.
+        self.adopted = False
+        # POSTs between choosing this backend and its answer keep the socket open.
+        self.registering = 0
+        self.idle_since: float | None = None
+
+    def on_frame(self, frame: str | bytes) -> None:
+        self.session.on_frame(frame, self)
+
+    def on_state(self, state: State, attempt: int, reason: str | None) -> None:
+        self.session.on_link_state(self, state, attempt, reason)
+
+    async def on_connected(self, reconnected: bool) -> None:
+        await self.session.on_connected(reconnected, self)
+
+    async def on_silence(self) -> bool:
+        return await self.session.on_silence(self)
+
+    def needs_watch(self) -> bool:
+        return self.session.needs_watch(self)
+
+
 class ClientSession:
     def __init__(
         self,
         client_id: str,
         config: RelayConfig,
-        comfy: ComfyClient,
+        backends: Backends,
         durations: Estimates | None = None,
         metrics: Metrics | None = None,
         *,
@@ -76,7 +110,7 @@ class ClientSession:
         # Frames and reconnects are counted here: no event says them.
         self.metrics = metrics or Metrics()
         self.config = config
-        self.comfy = comfy
+        self.backends = backends
         self.channel = Channel(client_id, ring_size=config.ring_size, language=config.language)
         self.previews = PreviewStore(client_id, slots=config.preview_slots, prefix=config.public_prefix)
         self.translator = Translator(
@@ -100,14 +134,12 @@ class ClientSession:
         self._feed: asyncio.Task[None] | None = None
         self._feed_wake = asyncio.Event()
         self._feed_reset = False
-        # Prompts taken over from another relay, to reconcile once the socket is open.
-        self._adopted = False
-        # Until the first socket opens: then, without Redis, look for prompts of this client
-        # that ComfyUI still has and this relay does not know (it restarted).
-        self._fresh = True
         # Whether another relay has tabs of this client that want ComfyUI's frames.
         self.raw_elsewhere = False
-        self.upstream = Upstream(client_id, self, config)
+        # One socket per backend this client uses (one in all, without several backends).
+        self.links: dict[str, Link] = {}
+        # The backend each prompt in flight went to.
+        self.placed: dict[str, str] = {}
         self.log = log.bind(client_id=client_id)
         # POSTs between registering a prompt and ComfyUI's answer keep the upstream open.
         self.registering = 0
@@ -249,12 +281,29 @@ class ClientSession:
         self.channel.backlog = self.backlog = backlog
         self.role = "owner"
         adopted = self._adopt(records)
-        if handoff is not None and not self.upstream.running:
-            self.upstream.sid = handoff  # the last holder closed its socket cleanly: reuse the id
+        if handoff is not None:
+            self._take_handoff(handoff)
         self.log.info("this relay holds the client", fence=lease.fence, adopted=adopted,
                       handoff=handoff is not None)  # fmt: skip
         if self.needed:
-            self.upstream.start()
+            self.start_upstream()
+
+    def _take_handoff(self, handoff: str) -> None:
+        """The last holder closed its sockets cleanly: reuse their ids (``{backend: id}``, or
+        a bare id for the first backend)."""
+        sids: dict[str, str] = {}
+        if handoff.startswith("{"):
+            with contextlib.suppress(orjson.JSONDecodeError, TypeError):
+                sids = {str(k): str(v) for k, v in orjson.loads(handoff).items()}
+        else:
+            with contextlib.suppress(RelayError):
+                sids = {self.backends.first().name: handoff}
+        for name, sid in sids.items():
+            backend = self.backends.get(name)
+            if backend is not None:
+                link = self.link(backend)
+                if not link.upstream.running:
+                    link.upstream.sid = sid
 
     def _adopt(self, records: dict[str, str]) -> int:
         """Take over the prompts another relay left in flight; their end is settled once open."""
@@ -273,8 +322,12 @@ class ClientSession:
                 continue
             if isinstance(record.get("sid"), str):
                 self.routes[prompt_id] = record["sid"]
+            name = record.get("backend")
+            backend = self.backends.get(name) if isinstance(name, str) else self._first()
+            if backend is not None:
+                self._place(prompt_id, backend)
+                self.link(backend).adopted = True
             adopted += 1
-        self._adopted = self._adopted or adopted > 0
         if adopted:
             self.metrics.takeovers.inc()
         return adopted
@@ -395,7 +448,7 @@ class ClientSession:
             if self.backlog is not None:
                 self.backlog.stopped = True
             self.role = "follower"
-            await self.upstream.close()
+            await self.close_links()
             self._forget_prompts()
             await self._become_follower()
 
@@ -404,7 +457,7 @@ class ClientSession:
         async with self._role_lock:
             if self.role != "owner" or self.needed:
                 return
-            await self.upstream.close()
+            await self.close_links()
             if self.backlog is not None:
                 await self.backlog.close()
             assert self.lease is not None
@@ -415,16 +468,112 @@ class ClientSession:
 
     def _forget_prompts(self) -> None:
         """The prompts are another relay's to follow now."""
+        for prompt_id in self.placed:
+            self.backends.finished(prompt_id)
         self.translator = Translator(
             file_url=self._file_url, preview_url=self.previews.url, durations=self._durations
         )
         self.routes.clear()
         self.detached.clear()
+        self.placed.clear()
+
+    # Backends and their sockets ---------------------------------------------------------
+
+    def _first(self) -> Backend | None:
+        try:
+            return self.backends.first()
+        except RelayError:
+            return None
+
+    def link(self, backend: Backend) -> Link:
+        """This client's socket to ``backend`` (made, not opened, on first use)."""
+        link = self.links.get(backend.name)
+        if link is None or link.backend is not backend:
+            link = self.links[backend.name] = Link(self, backend)
+        return link
+
+    @property
+    def upstream(self) -> Upstream:
+        """The socket to the first backend: without several backends, the client's socket."""
+        return self.link(self.backends.first()).upstream
+
+    def _backend_name(self, prompt_id: str) -> str | None:
+        name = self.placed.get(prompt_id)
+        if name is None:
+            first = self._first()
+            name = first.name if first is not None else None
+        return name
+
+    def _place(self, prompt_id: str, backend: Backend) -> None:
+        self.placed[prompt_id] = backend.name
+        self.backends.place(prompt_id, backend.name)
+
+    def prompts_on(self, name: str) -> list[str]:
+        """The active prompts that went to backend ``name``."""
+        return [p for p in self.translator.active() if self._backend_name(p) == name]
+
+    def link_needed(self, link: Link) -> bool:
+        """Whether ``link``'s socket must stay open: without several backends, whenever the
+        session is needed; with them, while a prompt of this client is on its backend."""
+        if not self.backends.pooled:
+            return self.needed
+        return link.registering > 0 or bool(self.prompts_on(link.name))
 
     def start_upstream(self) -> None:
-        """Open the ComfyUI socket if this relay speaks for the client."""
-        if self.owned:
-            self.upstream.start()
+        """Open the ComfyUI sockets this client needs, if this relay speaks for it."""
+        if not self.owned:
+            return
+        if not self.backends.pooled:
+            with contextlib.suppress(RelayError):
+                self.upstream.start()
+            return
+        for name in {self._backend_name(p) for p in self.translator.active()}:
+            backend = self.backends.get(name)
+            if backend is not None:
+                self.link(backend).upstream.start()
+
+    @property
+    def upstream_running(self) -> bool:
+        return any(link.upstream.running for link in self.links.values())
+
+    async def close_links(self) -> None:
+        await asyncio.gather(*(link.upstream.close() for link in list(self.links.values())))
+
+    async def reap_links(self, now: float) -> None:
+        """With several backends: close each socket its backend's prompts no longer need."""
+        for link in list(self.links.values()):
+            if self.link_needed(link) or not link.upstream.running:
+                link.idle_since = None
+                continue
+            if link.idle_since is None:
+                link.idle_since = now
+            if now - link.idle_since >= self.config.upstream_grace:
+                self.log.info("closing idle upstream socket", backend=link.name)
+                link.idle_since = None
+                await link.upstream.close()
+
+    def upstream_state(self) -> str:
+        """The state of the client's ComfyUI sockets, as ``relay.hello`` names it: without
+        several backends, its socket's; with them, the worst of those its prompts use, else
+        connected while any backend is up."""
+        if not self.backends.pooled:
+            try:
+                state = self.upstream.state
+            except RelayError:
+                return "down"
+            return "down" if state == "closed" else state
+        used = [
+            self.links[n]
+            for n in {self._backend_name(p) for p in self.translator.active()}
+            if n in self.links
+        ]
+        states = {link.upstream.state for link in used}
+        for worst in ("down", "closed", "connecting"):
+            if worst in states:
+                return "down" if worst == "closed" else worst
+        if used:
+            return "connected"
+        return "connected" if self.backends.up() else "down"
 
     @property
     def needed(self) -> bool:
@@ -435,21 +584,21 @@ class ClientSession:
             or self.storing > 0
         )
 
-    async def ensure_upstream(self) -> None:
-        """Make sure the upstream socket is open, so that no event of a new prompt is missed.
+    async def ensure_upstream(self, link: Link | None = None) -> None:
+        """Make sure the socket (to ``link``'s backend; the first one) is open, so that no event
+        of a new prompt is missed.
 
         Raises:
             UpstreamUnavailable: ComfyUI's socket could not be opened in time.
         """
+        upstream = link.upstream if link is not None else self.upstream
         limit = self.config.upstream_connect_timeout
-        opened = await self.upstream.wait_connected(limit)
+        opened = await upstream.wait_connected(limit)
         # A prompt sent on a socket that died silently would be routed to nobody: check first.
-        if opened and not await self.upstream.confirm(self.config.upstream_check_timeout):
-            opened = await self.upstream.wait_connected(limit)
+        if opened and not await upstream.confirm(self.config.upstream_check_timeout):
+            opened = await upstream.wait_connected(limit)
         if not opened:
-            raise UpstreamUnavailable(
-                f"ComfyUI's WebSocket is unreachable: {self.upstream.reason or 'timed out'}"
-            )
+            raise UpstreamUnavailable(f"ComfyUI's WebSocket is unreachable: {upstream.reason or 'timed out'}")
 
     def add(self, subscriber: Subscriber) -> None:
         self.channel.add(subscriber)
@@ -469,7 +618,7 @@ class ClientSession:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._stop_feed()
-        await self.upstream.close()
+        await self.close_links()
         if self.backlog is not None:
             await self.backlog.close()
         if self.role == "owner" and self.lease is not None and self.redis_log is not None:
@@ -478,9 +627,15 @@ class ClientSession:
                 if handoff:
                     # Closed with a handshake: ComfyUI let go of the id, and sends the running
                     # prompt's events to whichever socket registers under it next.
-                    await self.redis_log.give_handoff(self.upstream.sid)
+                    await self.redis_log.give_handoff(self._handoff())
                 await self.lease.release()
             self.log.info("handed the client over", prompts=len(self.translator.active()), handoff=handoff)
+
+    def _handoff(self) -> str:
+        """The ids of the sockets just closed, for the next relay: a bare id with one backend."""
+        if not self.backends.pooled:
+            return self.upstream.sid
+        return orjson.dumps({name: link.upstream.sid for name, link in self.links.items()}).decode()
 
     def forget(self) -> None:
         """Drop what a reaped session holds (its events, previews, prompts) at once. Parts of a
@@ -492,23 +647,30 @@ class ClientSession:
         self.translator = Translator(file_url=self._file_url, preview_url=self.previews.url)
         self.routes.clear()
         self.detached.clear()
+        self.placed.clear()
 
     # Routing ----------------------------------------------------------------------------
 
-    def route(self, prompt_id: str) -> str:
-        """The routing id to submit ``prompt_id`` under: the open socket's. Call once it is open."""
-        sid = self.routes[prompt_id] = self.upstream.sid
+    def route(self, prompt_id: str, link: Link | None = None) -> str:
+        """The routing id to submit ``prompt_id`` under: the open socket's (to ``link``'s
+        backend; the first one). Call once it is open."""
+        link = link or self.link(self.backends.first())
+        sid = self.routes[prompt_id] = link.upstream.sid
+        self.placed[prompt_id] = link.name
         return sid
 
     def unroute(self, prompt_id: str) -> None:
         """ComfyUI did not take the prompt."""
         self.routes.pop(prompt_id, None)
+        self.placed.pop(prompt_id, None)
+        self.backends.unassign(prompt_id)
 
-    def _check_routes(self, reason: str | None = None) -> None:
-        """Detach the active prompts submitted under a routing id that is no longer the socket's."""
-        sid = self.upstream.sid
+    def _check_routes(self, link: Link, reason: str | None = None) -> None:
+        """Detach the active prompts on ``link``'s backend submitted under a routing id that is
+        no longer its socket's."""
+        sid = link.upstream.sid
         lost = [
-            p for p in self.translator.active() if p not in self.detached and self.routes.get(p, sid) != sid
+            p for p in self.prompts_on(link.name) if p not in self.detached and self.routes.get(p, sid) != sid
         ]
         if not lost:
             return
@@ -531,8 +693,8 @@ class ClientSession:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.config.detached_poll_interval):
                     await self._queue_moved.wait()
-            if self.upstream.state == "connected":  # else ComfyUI is away: its return reconciles
-                await self.reconcile(only=set(self.detached))
+            # A backend that is away reconciles when it returns.
+            await self.reconcile(only=set(self.detached), connected=True)
 
     # Publishing -------------------------------------------------------------------------
 
@@ -561,8 +723,12 @@ class ClientSession:
             if isinstance(event, Done):
                 self.routes.pop(event.prompt_id, None)
                 self.detached.discard(event.prompt_id)
+                self.placed.pop(event.prompt_id, None)
+                self.backends.finished(event.prompt_id, event.outputs)
             elif isinstance(event, Queued):
-                self._check_routes()  # the socket may have been lost while ComfyUI answered
+                link = self._link_of(event.prompt_id)
+                if link is not None:
+                    self._check_routes(link)  # the socket may have been lost while ComfyUI answered
             if self.backlog is not None and not event.coalesces:
                 self._keep_record(event)
 
@@ -576,18 +742,31 @@ class ClientSession:
             return
         run = self.translator.export(prompt_id, time.monotonic(), time.time())
         if run is not None:
-            record = {"sid": self.routes.get(prompt_id), "run": run}
+            record = {"sid": self.routes.get(prompt_id), "backend": self.placed.get(prompt_id), "run": run}
             self.backlog.record(prompt_id, orjson.dumps(record).decode())
 
-    def _file_url(self, ref: Any) -> str:
-        query = urlencode({"filename": ref["filename"], "subfolder": ref["subfolder"], "type": ref["type"]})
-        return f"{self.config.public_prefix}/view?{query}"
+    def _link_of(self, prompt_id: str) -> Link | None:
+        name = self._backend_name(prompt_id)
+        return self.links.get(name) if name is not None else None
+
+    def _file_url(self, ref: Any, prompt_id: str) -> str:
+        fields = {"filename": ref["filename"], "subfolder": ref["subfolder"], "type": ref["type"]}
+        if self.backends.pooled:
+            # Backends name their files alike: the prompt tells the relay's /view where it is.
+            fields["prompt_id"] = prompt_id
+        return f"{self.config.public_prefix}/view?{urlencode(fields)}"
 
     # UpstreamHandler ---------------------------------------------------------------------
 
-    def on_frame(self, frame: str | bytes) -> None:
+    def on_frame(self, frame: str | bytes, link: Link) -> None:
         (self.metrics.comfy_text if isinstance(frame, str) else self.metrics.comfy_binary).inc()
         translation = self.translator.frame(frame, time.monotonic())
+        if translation.queue_status and self.backends.pooled:
+            # One backend's queue: the client is told the queue of them all.
+            for n, event in enumerate(translation.events):
+                if isinstance(event, Queue):
+                    self.backends.note_queue(link.name, event.remaining)
+                    translation.events[n] = Queue(self.backends.total_remaining())
         if translation.queue_status:
             if self.detached:
                 self._queue_moved.set()
@@ -606,37 +785,53 @@ class ClientSession:
                               message_type=translation.unknown)  # fmt: skip
         self.apply(translation)
 
-    def on_state(self, state: State, attempt: int, reason: str | None) -> None:
+    def on_link_state(self, link: Link, state: State, attempt: int, reason: str | None) -> None:
         if state == "closed":
             return
-        self.publish([UpstreamEvent(state, attempt, reason)])
+        if not self.backends.pooled:
+            self.publish([UpstreamEvent(state, attempt, reason)])
+            return
+        if state == "down" and reason is not None and "Refused" in reason:
+            self.backends.failed(link.backend, reason)
+        self.publish([UpstreamEvent(state, attempt, reason, backend=link.name)])
 
-    async def on_connected(self, reconnected: bool) -> None:
-        adopted, self._adopted = self._adopted, False
-        fresh, self._fresh = self._fresh, False
+    async def on_connected(self, reconnected: bool, link: Link) -> None:
+        adopted, link.adopted = link.adopted, False
+        fresh, link.fresh = link.fresh, False
         if fresh and self.cluster is None:
-            await self._find_orphans()
+            await self._find_orphans(link)
         if reconnected:
             self.metrics.upstream_reconnects.inc()
-            self._check_routes()
+            self._check_routes(link)
             # ComfyUI may have been restarted as another version: read what it offers again.
             with contextlib.suppress(RelayError):
-                await self.comfy.capabilities(fresh=True)
+                await link.backend.comfy.capabilities(fresh=True)
         elif adopted:
             self._check_routes(
+                link,
                 "the relay that followed this prompt stopped without handing over its socket to "
-                "ComfyUI; ComfyUI sends this prompt's progress there, so only its end can be reported"
+                "ComfyUI; ComfyUI sends this prompt's progress there, so only its end can be reported",
             )
         if reconnected or adopted:
-            await self.reconcile()
+            await self.reconcile(on=link.name)
 
-    async def _find_orphans(self) -> None:
+    def settle_lost(self, backend: Backend, reason: str) -> int:
+        """``backend`` went away with prompts of this client on it: end them as lost."""
+        ended = 0
+        for prompt_id in self.prompts_on(backend.name):
+            translation = self.translator.lost(prompt_id, reason, time.monotonic())
+            ended += bool(translation.events)
+            self.apply(translation)
+        return ended
+
+    async def _find_orphans(self, link: Link) -> None:
         """Follow the prompts of this client that ComfyUI still runs or holds but this relay
         does not know: a relay without Redis forgets them when it restarts. Their progress
         goes to the old relay's socket, so they are followed as detached prompts: announced
         (``relay.queued``, ``relay.detached``) and ended from ComfyUI's history."""
+        comfy = link.backend.comfy
         try:
-            items = await self.comfy.queue_items()
+            items = await comfy.queue_items()
         except RelayError as exc:
             self.log.warning("could not look for prompts this relay forgot", reason=exc.message)
             return
@@ -651,7 +846,7 @@ class ClientSession:
         for prompt_id, number, graph, extra in found:
             try:
                 classes = {str(node.get("class_type")) for node in graph.values() if isinstance(node, dict)}
-                plan = build_plan(graph, await self.comfy.output_classes(classes))
+                plan = build_plan(graph, await comfy.output_classes(classes))
                 if self.deliveries is not None:
                     plan = replace(plan, delivery=self.deliveries.recover(extra))
             except RelayError as exc:
@@ -662,25 +857,27 @@ class ClientSession:
             now = time.monotonic()
             self.translator.register(prompt_id, plan, now)
             self.routes[prompt_id] = str(extra.get("client_id") or "")
+            self._place(prompt_id, link.backend)
             self.apply(
                 self.translator.accept(prompt_id, number if isinstance(number, (int, float)) else None, now)
             )
         if found:
             self.log.info("following prompts this relay had forgotten", prompt_ids=[f[0] for f in found])
             self._check_routes(
+                link,
                 "the relay restarted while this prompt was in ComfyUI's queue; ComfyUI sends its "
-                "progress to the relay's old socket, so only its end can be reported"
+                "progress to the relay's old socket, so only its end can be reported",
             )
 
-    def _attached(self) -> set[str]:
-        return {p for p in self.translator.active() if p not in self.detached}
+    def _attached(self, link: Link) -> set[str]:
+        return {p for p in self.prompts_on(link.name) if p not in self.detached}
 
-    def needs_watch(self) -> bool:
-        return bool(self._attached())
+    def needs_watch(self, link: Link) -> bool:
+        return bool(self._attached(link))
 
-    async def on_silence(self) -> bool:
+    async def on_silence(self, link: Link) -> bool:
         """Check on active prompts through HTTP; a prompt finished unseen means we were orphaned."""
-        closed = await self.reconcile(only=self._attached())
+        closed = await self.reconcile(only=self._attached(link))
         if closed:
             self.log.warning("prompts finished without a word on the socket; reopening it", closed=closed)
         return closed > 0
@@ -688,21 +885,49 @@ class ClientSession:
     async def _check_queue(self) -> None:
         await self.reconcile(removed=True)
 
-    async def reconcile(self, *, removed: bool = False, only: set[str] | None = None) -> int:
+    async def reconcile(
+        self,
+        *,
+        removed: bool = False,
+        only: set[str] | None = None,
+        on: str | None = None,
+        connected: bool = False,
+    ) -> int:
         """Settle prompts that ended while the socket was away; returns how many it closed.
 
         With ``removed``, after a delete from ComfyUI's queue: a prompt that never started and
         is gone from the queue without a history entry was cancelled, not lost. With ``only``,
-        just those prompts are looked at.
+        just those prompts are looked at; with ``on``, those on that backend; with
+        ``connected``, those whose backend this client's socket reaches now.
         """
-        active = [p for p in self.translator.active() if only is None or p in only]
-        if not active:
-            return 0
-        try:
-            fates = await self.comfy.fates(active)
-        except RelayError as exc:
-            self.log.warning("could not reconcile prompts", reason=exc.message)
-            return 0
+        groups: dict[str, list[str]] = {}
+        for prompt_id in self.translator.active():
+            name = self._backend_name(prompt_id)
+            if (
+                name is None
+                or (only is not None and prompt_id not in only)
+                or (on is not None and name != on)
+            ):
+                continue
+            if connected:
+                link = self.links.get(name)
+                if link is None or link.upstream.state != "connected":
+                    continue
+            groups.setdefault(name, []).append(prompt_id)
+        closed = 0
+        for name, prompt_ids in groups.items():
+            backend = self.backends.get(name)
+            if backend is None:
+                continue
+            try:
+                fates = await backend.comfy.fates(prompt_ids)
+            except RelayError as exc:
+                self.log.warning("could not reconcile prompts", reason=exc.message, backend=name)
+                continue
+            closed += self._settle(fates, removed=removed)
+        return closed
+
+    def _settle(self, fates: dict[str, Any], *, removed: bool) -> int:
         closed = 0
         for prompt_id, fate in fates.items():
             now = time.monotonic()
@@ -758,7 +983,7 @@ class Sessions:
     def __init__(
         self,
         config: RelayConfig,
-        comfy: ComfyClient,
+        backends: Backends,
         durations: Estimates | None = None,
         metrics: Metrics | None = None,
         *,
@@ -768,7 +993,8 @@ class Sessions:
         deliveries: Deliveries | None = None,
     ) -> None:
         self.config = config
-        self.comfy = comfy
+        self.backends = backends
+        backends.on_lost(self._backend_lost)
         self.redis = redis
         self.durations = durations
         self.metrics = metrics or Metrics()
@@ -789,7 +1015,7 @@ class Sessions:
             session = self._sessions[client_id] = ClientSession(
                 client_id,
                 self.config,
-                self.comfy,
+                self.backends,
                 self.durations,
                 self.metrics,
                 observers=self.observers,
@@ -806,6 +1032,13 @@ class Sessions:
 
     def find(self, client_id: str) -> ClientSession | None:
         return self._sessions.get(client_id)
+
+    def _backend_lost(self, backend: Backend, reason: str) -> None:
+        """A backend went away: every prompt on it ends as lost (the relays holding the clients
+        do it; a follower's tabs hear it from them)."""
+        ended = sum(session.settle_lost(backend, reason) for session in self if session.owned)
+        if ended:
+            log.warning("prompts ended as lost with their backend", backend=backend.name, prompts=ended)
 
     async def settle_removed(self) -> None:
         """After prompts were deleted from ComfyUI's queue: end each removed one with ``cancelled``."""
@@ -833,15 +1066,17 @@ class Sessions:
 
     async def reap(self, now: float) -> None:
         for session in list(self._sessions.values()):
+            if self.backends.pooled:
+                await session.reap_links(now)
             if session.needed:
                 session.idle_since = None
                 continue
             if session.idle_since is None:
                 session.idle_since = now
             idle = now - session.idle_since
-            if idle >= self.config.upstream_grace and session.upstream.running:
+            if idle >= self.config.upstream_grace and session.upstream_running:
                 session.log.info("closing idle upstream socket", idle=round(idle, 1))
-                await session.upstream.close()
+                await session.close_links()
                 if session.role == "owner":
                     await session.release()
             if idle >= self.config.session_ttl:
@@ -883,8 +1118,9 @@ def live_state(sessions: Iterable[ClientSession]) -> LiveState:
             live.deepest_queue = max(live.deepest_queue, queued)
             live.coalesced += subscriber.coalesced
             live.dropped += subscriber.dropped
-        if session.upstream.state in live.upstreams:
-            live.upstreams[session.upstream.state] += 1
+        for link in session.links.values():
+            if link.upstream.state in live.upstreams:
+                live.upstreams[link.upstream.state] += 1
         if session.role in live.roles:
             live.roles[session.role] += 1
         queued_ids = session.translator.queued()

@@ -157,8 +157,7 @@ async def _upstream_state(session: ClientSession) -> str:
     """The state of the client's ComfyUI socket, as ``relay.hello`` names it. On a relay that
     follows another: connected while some relay holds the client."""
     if session.owned:
-        state = session.upstream.state
-        return "down" if state == "closed" else state
+        return session.upstream_state()
     with contextlib.suppress(RedisError, OSError):
         return "connected" if await session.lease_current() is not None else "connecting"
     return "down"

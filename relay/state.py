@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, TypedDict
 import structlog
 from redis.asyncio import Redis
 
+from relay.backends import Backends
 from relay.comfy import ComfyClient
 from relay.config import RelayConfig
 from relay.delivery import Deliveries
@@ -29,7 +30,6 @@ from relay.metrics import Metrics
 from relay.observers import EtaKeeper, MetricsObserver, StepLog
 from relay.proxy import ProxyContext
 from relay.sessions import Sessions
-from relay.streaming import StreamingClient
 from relay.webhooks import Webhooks
 from relay.workflows import Library
 
@@ -50,16 +50,14 @@ class RelayState:
         config: RelayConfig,
         metrics: Metrics,
         workflows: Library,
-        comfy: ComfyClient,
-        streams: StreamingClient,
+        backends: Backends,
         durations: Durations,
         redis: Redis | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self.workflows = workflows
-        self.comfy = comfy
-        self.streams = streams
+        self.backends = backends
         self.durations = durations
         self.eta = EtaKeeper(durations, redis)
         self.redis = redis
@@ -68,13 +66,13 @@ class RelayState:
             # The S3 client loads only where storage is configured.
             from relay.storage import Storage  # noqa: PLC0415
 
-            self.storage = Storage(config, streams, metrics)
+            self.storage = Storage(config, backends, metrics)
         self.webhooks = Webhooks(config, metrics) if config.webhook_secret else None
         storing = frozenset(workflow.name for workflow in workflows if workflow.store)
         self.deliveries = Deliveries(config, self.storage, self.webhooks, storing_workflows=storing)
         self.sessions = Sessions(
             config,
-            comfy,
+            backends,
             durations,
             metrics,
             observers=(MetricsObserver(metrics), StepLog(), self.eta),
@@ -82,10 +80,20 @@ class RelayState:
             redis=redis,
             deliveries=self.deliveries,
         )
-        self.readiness = Readiness(comfy, metrics, timeout=config.ready_timeout)
+        # Without several backends, /readyz asks the one; with them, their watch says.
+        self.readiness = (
+            None
+            if backends.pooled
+            else Readiness(backends.first().comfy, metrics, timeout=config.ready_timeout)
+        )
         # Browser sockets open now (RELAY_MAX_CONNECTIONS).
         self.connections = 0
         self.closing = False
+
+    @property
+    def comfy(self) -> ComfyClient:
+        """The client of the first backend that is up (the only one, without several)."""
+        return self.backends.first().comfy
 
     async def close_clients(self) -> None:
         """Close every browser socket (shutdown); called before the server drops connections."""
@@ -104,27 +112,20 @@ class Lifespan(TypedDict):
 @contextlib.asynccontextmanager
 async def open_relay(config: RelayConfig, metrics: Metrics, workflows: Library) -> AsyncIterator[Lifespan]:
     """Open the relay's resources for the duration of the block; close them in order after it."""
-    comfy = ComfyClient(config)
-    streams = StreamingClient(
-        config.comfyui_url,
-        connect_timeout=config.http_connect_timeout,
-        read_timeout=config.http_read_timeout,
-        max_connections=config.http_max_connections,
-    )
+    backends = Backends(config, metrics)
     state = RelayState(
         config=config,
         metrics=metrics,
         workflows=workflows,
-        comfy=comfy,
-        streams=streams,
+        backends=backends,
         durations=Durations(durations_file(config.eta_file)),
         redis=_redis(config.redis_url) if config.redis_url else None,
     )
     metrics.watch(state.sessions.live_state)
     await state.eta.share()  # what the other relays learned, before the first estimate
+    await backends.start()  # with several: look names up, check each once, keep watching
     proxy = ProxyContext(
-        comfy=comfy,
-        streams=streams,
+        backends=backends,
         max_upload_bytes=config.max_upload_bytes,
         queue_changed=state.sessions.settle_removed,
     )
@@ -150,8 +151,7 @@ async def open_relay(config: RelayConfig, metrics: Metrics, workflows: Library) 
         await state.eta.close()  # shares what it learned through Redis: before Redis closes
         if state.redis is not None:
             await state.redis.aclose()
-        await comfy.aclose()
-        await streams.aclose()
+        await backends.aclose()
 
 
 async def _collect_garbage(interval: float) -> None:

@@ -31,10 +31,11 @@ from obstore.store import S3Store
 
 from relay.errors import RelayError
 from relay.events import Stored, file_refs
-from relay.streaming import BodyCutShort, StreamingClient
+from relay.streaming import BodyCutShort
 from relay.tasks import wind_down
 
 if TYPE_CHECKING:
+    from relay.backends import Backends
     from relay.config import RelayConfig
     from relay.metrics import Metrics
 
@@ -92,9 +93,10 @@ def object_keys(prefix: str, client_id: str, prompt_id: str, outputs: Any) -> li
 class Storage:
     """Copies prompts' output files from ComfyUI to the bucket, in the background."""
 
-    def __init__(self, config: RelayConfig, streams: StreamingClient, metrics: Metrics) -> None:
+    def __init__(self, config: RelayConfig, backends: Backends, metrics: Metrics) -> None:
         self.config = config
-        self.streams = streams
+        # Each prompt's files are read from the backend that ran it.
+        self.backends = backends
         self.metrics = metrics
         self.bucket = config.s3_bucket
         self._store = _s3_store(config, config.s3_endpoint)
@@ -198,7 +200,7 @@ class Storage:
         for attempt in range(1, attempts + 1):
             tries[job.key] = attempt
             try:
-                size, content_type = await self._copy(job)
+                size, content_type = await self._copy(job, prompt_id)
                 url, expires = await self._sign(job.key)
             except _Permanent as exc:
                 error = str(exc)
@@ -223,11 +225,11 @@ class Storage:
         return Stored(prompt_id, job.node, job.filename, job.kind, job.key, "failed", tries[job.key], 0,
                       error=error)  # fmt: skip
 
-    async def _copy(self, job: FileJob) -> tuple[int, str]:
+    async def _copy(self, job: FileJob, prompt_id: str) -> tuple[int, str]:
         """Stream the file from ComfyUI to the bucket; its size and content type."""
         query = urlencode({"filename": job.filename, "subfolder": job.subfolder, "type": job.type})
         try:
-            answer = await self.streams.open("GET", f"/view?{query}", [])
+            answer = await self.backends.source_of(prompt_id).streams.open("GET", f"/view?{query}", [])
         except RelayError as exc:
             raise ConnectionError(f"ComfyUI: {exc.message}") from None
         try:

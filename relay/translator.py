@@ -259,7 +259,7 @@ class Translator:
     def __init__(
         self,
         *,
-        file_url: Callable[[Mapping[str, Any]], str],
+        file_url: Callable[[Mapping[str, Any], str], str],
         preview_url: Callable[[str, str, int], str] = lambda prompt, node, version: "",
         durations: Estimates | None = None,
     ) -> None:
@@ -618,7 +618,7 @@ class Translator:
         node = str(node)
         output = data.get("output")
         run.outputs[node] = output
-        return [Output(run.prompt_id, node, output, self._files(output))]
+        return [Output(run.prompt_id, node, output, self._files(output, run.prompt_id))]
 
     def _failed(self, run: _Run, data: Mapping[str, Any], now: float) -> list[Event]:
         node = data.get("node_id")
@@ -700,7 +700,7 @@ class Translator:
             for node, output in outputs.items():
                 if node not in run.outputs:
                     run.outputs[node] = output
-                    events.append(Output(run.prompt_id, node, output, self._files(output)))
+                    events.append(Output(run.prompt_id, node, output, self._files(output, run.prompt_id)))
         status, error = history_outcome(history)
         failed_node = error.get("node") if error is not None else None
         self._settle(run, "done" if status == "success" else status, failed_node)
@@ -853,8 +853,10 @@ class Translator:
             current = (step.spec.node, ran, run.fraction, step.iterations or step.spec.iterations)
         return self._durations.remaining(run.plan.timing_key, pending, current)
 
-    def _files(self, output: Any) -> list[dict[str, Any]]:
-        return [{**ref, "kind": kind, "url": self._file_url(ref)} for kind, ref in file_refs(output)]
+    def _files(self, output: Any, prompt_id: str) -> list[dict[str, Any]]:
+        return [
+            {**ref, "kind": kind, "url": self._file_url(ref, prompt_id)} for kind, ref in file_refs(output)
+        ]
 
 
 def _name_data(name: Name) -> Any:

@@ -12,21 +12,27 @@ anything is read.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import structlog
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from relay.errors import BadRequest, PayloadTooLarge
+from relay.backends import Backend, Backends
+from relay.comfy import UpstreamAnswer
+from relay.errors import BadRequest, Conflict, PayloadTooLarge, UpstreamUnavailable
 from relay.filenames import upstream_safe_name, upstream_safe_subfolder
-from relay.proxy import forward, proxy_of
+from relay.proxy import forward, proxy_of, upstream_headers
 
 __all__ = ["upload_asset", "upload_image", "upload_mask", "upload_routes"]
+
+log = structlog.get_logger("relay.uploads")
 
 _FIELD_LIMIT = 64 * 1024
 # The most the relay reads before the first file part: fields are small, a form is not a file.
@@ -171,6 +177,7 @@ async def _upload(request: Request, path: str, *, mask: bool) -> Response:
         path,
         check_fields=lambda form: _check_fields(form, mask=mask),
         check_file=_check_file,
+        everywhere=True,
     )
 
 
@@ -180,7 +187,10 @@ async def _stream_form(
     *,
     check_fields: Callable[[_Form], None],
     check_file: Callable[[_Form], None],
+    everywhere: bool = False,
 ) -> Response:
+    """Check the form as it streams through to ComfyUI; with ``everywhere`` and several
+    backends, to every one (an input a prompt on any of them may name)."""
     limit = proxy_of(request).max_upload_bytes
     form = _Form()
     parser = MultipartParser(_multipart(request, limit), form.callbacks())
@@ -220,7 +230,84 @@ async def _stream_form(
 
     declared = request.headers.get("content-length")
     length = int(declared) if declared is not None and declared.isdigit() else None
+    if everywhere and proxy_of(request).pooled:
+        return await _to_every_backend(request, path, body(), length)
     return await forward(request, path, content=body(), length=length)
+
+
+async def _to_every_backend(
+    request: Request, path: str, body: AsyncIterator[bytes], length: int | None
+) -> Response:
+    """With several backends: the same upload to every one up, at once, as it arrives (the
+    slowest sets the pace; memory holds a few chunks per backend). A backend that fails drops
+    out; the others go on. The answer is theirs when they agree; a 409 when they stored the
+    file under different names (one already had another file by that name)."""
+    backends = proxy_of(request).backends
+    targets = backends.up()
+    if not targets:
+        raise UpstreamUnavailable("no ComfyUI backend is up to take the upload")
+    queues: list[asyncio.Queue[bytes | None]] = [asyncio.Queue(maxsize=4) for _ in targets]
+    headers = upstream_headers(request)
+    if length is not None:
+        headers.append(("content-length", str(length)))
+
+    async def chunks(queue: asyncio.Queue[bytes | None]) -> AsyncIterator[bytes]:
+        while (chunk := await queue.get()) is not None:
+            yield chunk
+
+    senders = [
+        asyncio.create_task(backend.comfy.request("POST", path, content=chunks(queue), headers=headers))
+        for backend, queue in zip(targets, queues, strict=True)
+    ]
+
+    async def put(n: int, chunk: bytes | None) -> None:
+        if senders[n].done():
+            return  # this backend failed: the others go on
+        putting = asyncio.ensure_future(queues[n].put(chunk))
+        await asyncio.wait({putting, senders[n]}, return_when=asyncio.FIRST_COMPLETED)
+        putting.cancel()
+
+    try:
+        async for chunk in body:
+            await asyncio.gather(*(put(n, chunk) for n in range(len(targets))))
+        await asyncio.gather(*(put(n, None) for n in range(len(targets))))
+    except BaseException:
+        for sender in senders:
+            sender.cancel()
+        await asyncio.gather(*senders, return_exceptions=True)
+        raise
+    answers = await asyncio.gather(*senders, return_exceptions=True)
+    return _agreed(backends, targets, answers)
+
+
+def _agreed(backends: Backends, targets: list[Backend], answers: list[Any]) -> Response:
+    taken: list[tuple[Backend, UpstreamAnswer, Any]] = []
+    for backend, answer in zip(targets, answers, strict=True):
+        if isinstance(answer, UpstreamAnswer) and answer.status == 200:
+            try:
+                taken.append((backend, answer, answer.json()))
+            except orjson.JSONDecodeError:
+                continue
+        elif isinstance(answer, BaseException):
+            log.warning("a backend did not take the upload", backend=backend.name, error=repr(answer))
+    if not taken:
+        for answer in answers:
+            if isinstance(answer, UpstreamAnswer):  # ComfyUI's own refusal, passed on
+                return Response(answer.content, status_code=answer.status, media_type=answer.content_type)
+        first = answers[0]
+        raise first if isinstance(first, BaseException) else UpstreamUnavailable("the upload failed")
+    names = {(body.get("name"), body.get("subfolder")) for _, _, body in taken if isinstance(body, dict)}
+    for backend, _, body in taken:
+        backends.uploaded(body, backend.name)
+    if len(names) > 1:
+        stored = {backend.name: body for backend, _, body in taken}
+        raise Conflict(
+            "the backends stored the upload under different names (one already had another file by "
+            f"this name): {orjson.dumps(stored).decode()}; upload with overwrite=true or a unique name",
+            "upload_diverged",
+        )
+    _, answer, _ = taken[0]
+    return Response(answer.content, status_code=200, media_type=answer.content_type)
 
 
 def _check_original_ref(raw: str | None) -> None:

@@ -67,8 +67,12 @@ class UpstreamHandler(Protocol):
 
 
 class Upstream:
-    def __init__(self, client_id: str, handler: UpstreamHandler, config: RelayConfig) -> None:
+    def __init__(
+        self, client_id: str, handler: UpstreamHandler, config: RelayConfig, *, ws_url: str | None = None
+    ) -> None:
         self.client_id = client_id
+        # ComfyUI's /ws (with several backends, this socket's backend's).
+        self.ws_url = ws_url or config.comfyui_ws_url
         self.handler = handler
         self.config = config
         # The routing id the current (or next) socket registers under.
@@ -208,7 +212,7 @@ class Upstream:
     async def _session(self, sid: str, *, reconnected: bool) -> str:
         """One connection under routing id ``sid``, from open to close; returns why it ended."""
         async with websockets.connect(
-            f"{self.config.comfyui_ws_url}?clientId={quote(sid)}",
+            f"{self.ws_url}?clientId={quote(sid)}",
             max_size=None,  # ComfyUI sends multi-megabyte preview frames
             compression=None,
             open_timeout=self.config.upstream_connect_timeout,

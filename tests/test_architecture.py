@@ -89,6 +89,20 @@ RULES = (
         ),
     ),
     Rule(
+        "the backends know no session, socket or hub: sessions tell them what they route",
+        ("relay.backends", "relay.merged"),
+        forbidden=frozenset(
+            {
+                "relay.sessions",
+                "relay.fanout",
+                "relay.upstream",
+                "relay.cluster",
+                "relay.state",
+                "relay.translator",
+            }
+        ),
+    ),
+    Rule(
         "the product never imports the emulator",
         ("relay.app", "relay.server", "relay.state", "relay.sockets", "relay.prompts", "relay.sessions"),
         forbidden=frozenset({"relay.emulator"}),

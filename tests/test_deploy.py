@@ -211,7 +211,9 @@ def test_plain_manifests_validate_and_the_validator_bites() -> None:
         kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
 
 
-@pytest.mark.parametrize("folder", ["base", "overlays/in-cluster-comfyui", "overlays/replicas-redis"])
+@pytest.mark.parametrize(
+    "folder", ["base", "overlays/in-cluster-comfyui", "overlays/replicas-redis", "overlays/comfyui-pool"]
+)
 def test_rendered_manifests_validate(folder: str) -> None:
     """`kubectl kustomize` output of the base and the overlay validates against the Kubernetes schemas."""
     docs = render(DEPLOY / folder)
@@ -261,6 +263,23 @@ def test_overlay_points_at_in_cluster_comfyui() -> None:
         ]
         == "true"
     )
+
+
+def test_pool_overlay_finds_every_comfyui_pod_through_a_headless_service() -> None:
+    """The relay's backends are the addresses of a headless Service of the ComfyUI pods, ready
+    ones only, looked up by the name the relay is given."""
+    docs = render(DEPLOY / "overlays" / "comfyui-pool")
+    config = RelayConfig.from_env(of_kind(docs, "ConfigMap")["data"])
+    assert config.pooled
+    (entry,) = config.backend_entries
+    pods = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "comfyui-pods")
+    assert pods["spec"]["clusterIP"] == "None"
+    assert pods["spec"]["publishNotReadyAddresses"] is False
+    port = pods["spec"]["ports"][0]["port"]
+    namespace = pods["metadata"]["namespace"]
+    assert entry == f"dns+http://comfyui-pods.{namespace}.svc.cluster.local:{port}"
+    relay = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "comfy-relay")
+    assert relay["spec"]["selector"] != pods["spec"]["selector"]
 
 
 def test_replicas_overlay_runs_three_relays_on_redis_without_affinity() -> None:

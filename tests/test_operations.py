@@ -12,7 +12,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.websockets import WebSocket
 
-from relay.comfy import ComfyClient
+from relay.backends import Backends
 from relay.config import RelayConfig
 from relay.emulator import RunningEmulator
 from relay.fanout import Subscriber
@@ -206,9 +206,9 @@ async def test_rejected_prompt_is_counted(relay: RunningRelay, relay_http: httpx
 async def test_slow_socket_counters() -> None:
     """Frames coalesced and dropped for a stalled socket, and its closing, reach the scrape."""
     config = RelayConfig(eta_file="")
-    comfy = ComfyClient(config)
     metrics = Metrics()
-    session = ClientSession("slow", config, comfy, metrics=metrics)
+    backends = Backends(config, metrics)
+    session = ClientSession("slow", config, backends, metrics=metrics)
     metrics.watch(lambda: live_state([session]))
     socket = FakeSocket()
     subscriber = Subscriber(cast(WebSocket, socket), mode="relay", limit=8)
@@ -243,7 +243,7 @@ async def test_slow_socket_counters() -> None:
         assert value(after, "relay_browser_connections", events="relay") == 0
     finally:
         subscriber.stop()
-        await comfy.aclose()
+        await backends.aclose()
 
 
 async def test_unknown_route_is_labelled_unmatched(

@@ -20,6 +20,7 @@ import obstore
 import pytest
 from obstore.store import S3Store
 
+from relay.backends import Backends
 from relay.config import ConfigError, RelayConfig
 from relay.emulator import RunningEmulator
 from relay.emulator.config import ComfyVersion
@@ -27,7 +28,6 @@ from relay.events import Stored
 from relay.metrics import Metrics
 from relay.server import run_relay
 from relay.storage import Storage, object_keys
-from relay.streaming import StreamingClient
 from tests.conftest import relay_config
 from tests.relay_client import Tab, open_tab
 from tests.relay_processes import RelayProcess
@@ -417,8 +417,7 @@ async def test_a_stopping_relay_reports_files_failed_at_once() -> None:
     """Once storage has closed (the relay stops), a prompt that ends starts no copy: each file
     is reported failed at once, counting down, and the whole is settled."""
     config = RelayConfig(s3_bucket="results", s3_endpoint="http://127.0.0.1:9", s3_prefix="p")
-    streams = StreamingClient("http://127.0.0.1:9", connect_timeout=1, read_timeout=1, max_connections=1)
-    storage = Storage(config, streams, Metrics())
+    storage = Storage(config, Backends(config), Metrics())
     await storage.close()
     outputs = {
         "9": {"images": [{"filename": f"a{n}.png", "subfolder": "", "type": "output"} for n in (1, 2)]}
@@ -429,7 +428,7 @@ async def test_a_stopping_relay_reports_files_failed_at_once() -> None:
     told = [(s.key, s.state, s.remaining) for s in published]
     assert told == [("p/c/pid/a1.png", "failed", 1), ("p/c/pid/a2.png", "failed", 0)]
     assert settled == [published]
-    await streams.aclose()
+    await storage.backends.aclose()
 
 
 async def test_storage_lost_mid_upload_is_retried_to_a_whole_file(

@@ -27,7 +27,7 @@ OUTPUT_CLASSES = {
 } | {"NoUIOutput"}  # fmt: skip
 
 
-def file_url(ref: Any) -> str:
+def file_url(ref: Any, prompt_id: str = "") -> str:
     return f"/view?filename={ref['filename']}&type={ref['type']}"
 
 
