@@ -64,21 +64,21 @@ _MODEL_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sf
 
 
 def affinity_of(graph: Mapping[str, Any], workflow: str | None) -> str:
-    """What "the same workflow" means for routing: its name, or for a bare graph the node
-    classes and model files it uses (what decides which models a backend has loaded)."""
-    if workflow:
-        return f"workflow:{workflow}"
+    """What "the same workflow" means for routing, as far as loaded models go: the workflow's
+    name (for a bare graph, its node classes) and the model files it names. The same workflow
+    with another checkpoint loads another model."""
     parts: set[str] = set()
     for node in graph.values():
         if not isinstance(node, dict):
             continue
-        parts.add(f"class:{node.get('class_type')}")
+        if not workflow:
+            parts.add(f"class:{node.get('class_type')}")
         inputs = node.get("inputs")
         for value in inputs.values() if isinstance(inputs, dict) else ():
             if isinstance(value, str) and value.lower().endswith(_MODEL_SUFFIXES):
                 parts.add(f"model:{value}")
     digest = hashlib.blake2b("\n".join(sorted(parts)).encode(), digest_size=8).hexdigest()
-    return f"graph:{digest}"
+    return f"workflow:{workflow}:{digest}" if workflow else f"graph:{digest}"
 
 
 def file_key(filename: str, subfolder: str, file_type: str) -> tuple[str, str, str]:
@@ -115,8 +115,10 @@ def _refused(exc: BaseException | None) -> bool:
 class Backend:
     """One ComfyUI server: its HTTP clients, its state and load, and the prompts sent to it."""
 
-    def __init__(self, url: str, index: int, config: RelayConfig) -> None:
+    def __init__(self, url: str, index: int, config: RelayConfig, *, named: bool = False) -> None:
         self.url = url
+        # Found by looking a dns+ name up (it drains when the name no longer lists it).
+        self.named = named
         parts = urlsplit(url)
         self.name = parts.netloc  # host:port: the same on every relay, so routes can be shared
         self.index = index
@@ -188,7 +190,7 @@ class Backends:
         self._backends: dict[str, Backend] = {}
         self._retired: list[Backend] = []
         self._names: list[tuple[str, str, int]] = []  # dns+ entries: scheme, host, port
-        self._count = itertools.count()
+        self._indexes = itertools.count()
         for entry in config.backend_entries:
             if entry.startswith("dns+"):
                 parts = urlsplit(entry.removeprefix("dns+"))
@@ -206,8 +208,8 @@ class Backends:
 
     # Who is there -------------------------------------------------------------------------
 
-    def _add(self, url: str) -> Backend:
-        backend = Backend(url, next(self._count), self.config)
+    def _add(self, url: str, *, named: bool = False) -> Backend:
+        backend = Backend(url, next(self._indexes), self.config, named=named)
         self._backends[backend.name] = backend
         self._gauge(backend)
         return backend
@@ -282,11 +284,12 @@ class Backends:
         if affinity is not None:
             backend.affinity = affinity
         self._remember(self.routes, prompt_id, backend.name, _ROUTES_KEPT)
-        self.metrics.backend_in_flight.labels(backend.name).set(len(backend.in_flight))
+        self._count(backend)
 
     def sent(self, backend: Backend) -> None:
         """ComfyUI took a prompt routed to ``backend``."""
-        self.metrics.backend_prompts.labels(backend.name).inc()
+        if self.pooled:
+            self.metrics.backend_prompts.labels(backend.name).inc()
 
     def place(self, prompt_id: str, name: str) -> None:
         """A prompt found running on ``name`` (taken over from another relay, or forgotten)."""
@@ -294,7 +297,7 @@ class Backends:
         backend = self._backends.get(name)
         if backend is not None:
             backend.in_flight.add(prompt_id)
-            self.metrics.backend_in_flight.labels(name).set(len(backend.in_flight))
+            self._count(backend)
 
     def unassign(self, prompt_id: str) -> None:
         """ComfyUI did not take the prompt: it was never there."""
@@ -313,7 +316,7 @@ class Backends:
         backend = self._backends.get(name) if name is not None else None
         if backend is not None:
             backend.in_flight.discard(prompt_id)
-            self.metrics.backend_in_flight.labels(backend.name).set(len(backend.in_flight))
+            self._count(backend)
             if not backend.listed and not backend.in_flight:
                 self._retire(backend)
 
@@ -358,7 +361,8 @@ class Backends:
         backend = self._backends.get(name)
         if backend is not None:
             backend.reported = remaining
-            self.metrics.backend_queue.labels(name).set(remaining)
+            if self.pooled:
+                self.metrics.backend_queue.labels(name).set(remaining)
 
     # Health ---------------------------------------------------------------------------------
 
@@ -460,11 +464,18 @@ class Backends:
         if backend.state == "up" and self.pooled:
             self._went_away(backend, problem, refused=False, now=time.monotonic())
 
+    def _count(self, backend: Backend) -> None:
+        if self.pooled:
+            self.metrics.backend_in_flight.labels(backend.name).set(len(backend.in_flight))
+
     def _gauge(self, backend: Backend) -> None:
+        """Each backend's state in the metrics (with several: one alone is /readyz's comfyui)."""
+        if not self.pooled:
+            return
         for state in _STATES:
             self.metrics.backend_state.labels(backend.name, state).set(1 if backend.state == state else 0)
         self.metrics.backend_queue.labels(backend.name).set(backend.reported)
-        self.metrics.backend_in_flight.labels(backend.name).set(len(backend.in_flight))
+        self._count(backend)
 
     # Names ------------------------------------------------------------------------------------
 
@@ -484,9 +495,10 @@ class Backends:
             for address in addresses:
                 shown = f"[{address}]" if ":" in address else address
                 found.add(f"{scheme}://{shown}:{port}")
-        known = {backend.url: backend for backend in self._backends.values()}
-        for url in sorted(found - known.keys()):
-            log.info("backend found", backend=self._add(url).name)
+        known = {backend.url: backend for backend in self._backends.values() if backend.named}
+        listed_too = {backend.url for backend in self._backends.values() if not backend.named}
+        for url in sorted(found - known.keys() - listed_too):
+            log.info("backend found", backend=self._add(url, named=True).name)
         for url, backend in known.items():
             listed = url in found
             if listed == backend.listed:

@@ -97,12 +97,14 @@ class Queue(Event):
 @dataclass(frozen=True, slots=True)
 class Queued(Event):
     type = "relay.queued"
-    optional = frozenset({"workflow"})
+    optional = frozenset({"workflow", "backend"})
     prompt_id: str
     number: float | int | None
     total: int
     steps: list[dict[str, Any]]
     workflow: str | None = None
+    # With several ComfyUI backends: the one the prompt went to.
+    backend: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ from relay.errors import (
     UpstreamUnavailable,
     UpstreamUnreached,
 )
+from relay.events import Queued
 from relay.i18n import Localized
 from relay.metrics import workflow_label
 from relay.plans import build_plan, failed_outputs
@@ -317,11 +318,14 @@ async def _send(
                     workflow=workflow_name,
                 )
                 plan = replace(plan, delivery=delivery)
-            session.apply(
-                session.translator.accept(prompt_id, accepted.get("number"), time.monotonic(), plan)
-            )
+            translation = session.translator.accept(prompt_id, accepted.get("number"), time.monotonic(), plan)
             if backends.pooled:
                 accepted["backend"] = backend.name
+                translation.events = [
+                    replace(e, backend=backend.name) if isinstance(e, Queued) else e
+                    for e in translation.events
+                ]
+            session.apply(translation)
             return accepted
         finally:
             link.registering -= 1

@@ -140,6 +140,9 @@ class ClientSession:
         self.links: dict[str, Link] = {}
         # The backend each prompt in flight went to.
         self.placed: dict[str, str] = {}
+        # With several backends and no Redis: whether every backend was asked for prompts of
+        # this client that a restarted relay forgot (each link asks its own when it opens).
+        self._searched = False
         self.log = log.bind(client_id=client_id)
         # POSTs between registering a prompt and ComfyUI's answer keep the upstream open.
         self.registering = 0
@@ -293,7 +296,7 @@ class ClientSession:
         a bare id for the first backend)."""
         sids: dict[str, str] = {}
         if handoff.startswith("{"):
-            with contextlib.suppress(orjson.JSONDecodeError, TypeError):
+            with contextlib.suppress(orjson.JSONDecodeError, TypeError, AttributeError):
                 sids = {str(k): str(v) for k, v in orjson.loads(handoff).items()}
         else:
             with contextlib.suppress(RelayError):
@@ -531,6 +534,29 @@ class ClientSession:
             backend = self.backends.get(name)
             if backend is not None:
                 self.link(backend).upstream.start()
+        if self.cluster is None and not self._searched:
+            self._searched = True
+            task = asyncio.create_task(self._search_backends(), name=f"search-{self.client_id}")
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def _search_backends(self) -> None:
+        """Open this client's socket to each backend whose queue holds prompts of the client
+        that this relay does not know: opening it follows them (``_find_orphans``)."""
+        for backend in self.backends.up():
+            link = self.links.get(backend.name)
+            if link is not None and not link.fresh:
+                continue  # its socket opened already, and looked
+            try:
+                items = await backend.comfy.queue_items()
+            except RelayError:
+                continue
+            for item in items:
+                extra = item[3] if len(item) > 3 else None
+                mine = isinstance(extra, dict) and extra.get(CLIENT_KEY) == self.client_id
+                if mine and not self.translator.knows(str(item[1])):
+                    self.link(backend).upstream.start()
+                    break
 
     @property
     def upstream_running(self) -> bool:

@@ -91,13 +91,16 @@ def test_a_prompt_naming_an_upload_prefers_the_backends_that_have_it() -> None:
     assert backends.pick(None, input_names(graph)) in (a, b)
 
 
-def test_a_bare_graph_is_recognised_by_its_nodes_and_models() -> None:
+def test_a_graph_is_recognised_by_its_workflow_or_nodes_and_its_models() -> None:
     one = {"4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd_xl.safetensors"}}}
     other = {"4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "flux.safetensors"}}}
     seeded = {"9": {**one["4"], "inputs": {**one["4"]["inputs"], "seed": 7}}}
     assert affinity_of(one, None) == affinity_of(seeded, None)  # a seed loads no other model
     assert affinity_of(one, None) != affinity_of(other, None)
-    assert affinity_of(one, "portrait") == "workflow:portrait"
+    # A known workflow is itself, with the models it loads this time.
+    assert affinity_of(one, "portrait").startswith("workflow:portrait:")
+    assert affinity_of(one, "portrait") == affinity_of(seeded, "portrait")
+    assert affinity_of(one, "portrait") != affinity_of(other, "portrait")
 
 
 def test_a_prompts_files_are_found_where_it_ran() -> None:
@@ -245,3 +248,20 @@ def test_merged_jobs_make_one_page_of_all() -> None:
                       offset=1, limit=2)  # fmt: skip
     assert [(j["id"], j["backend"]) for j in page["jobs"]] == [("j4", "b:1"), ("j3", "a:1")]
     assert page["pagination"] == {"offset": 1, "limit": 2, "total": 5, "has_more": True}
+
+
+async def test_listed_backends_stay_beside_a_name() -> None:
+    """A URL given as it is stays a backend whatever the name's lookups say."""
+    answers = [["10.1.0.7"], []]
+
+    async def lookup(host: str, port: int) -> list[str]:
+        return answers.pop(0)
+
+    backends = Backends(
+        RelayConfig(comfyui_urls=f"{A},dns+http://pods.test:8188", eta_file=""), lookup=lookup
+    )
+    await backends.resolve()
+    assert [(b.name, b.state) for b in backends] == [("10.0.0.1:8188", "up"), ("10.1.0.7:8188", "up")]
+    await backends.resolve()  # the name lists nobody now
+    assert [(b.name, b.state) for b in backends] == [("10.0.0.1:8188", "up")]
+    await backends.aclose()

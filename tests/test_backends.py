@@ -11,21 +11,29 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import httpx
+import obstore
 import pytest
 
 from relay.emulator import EmulatorConfig, RunningEmulator, run_emulator
 from relay.emulator.config import ComfyVersion
 from relay.server import RunningRelay, run_relay
 from tests.conftest import TEST_SPEED, relay_config
+from tests.redis_server import RedisServer
 from tests.relay_client import open_tab
+from tests.relay_processes import relay_processes
+from tests.s3_server import S3Server
+from tests.test_cluster import RoamingTab, assert_unbroken
 from tests.test_operations import parse, value
 from tests.test_relay_resilience import long_graph
+from tests.test_storage import all_stored, bucket, storage_settings
 
 TEXT2IMG = json.loads(resources.files("relay.emulator").joinpath("examples/text2img.json").read_text())
 
@@ -108,6 +116,8 @@ async def test_prompts_spread_by_load_into_one_stream_and_their_files_come_back(
         for tab in tabs:
             done = await tab.wait_done(prompt_id, timeout=60)
             assert done["status"] == "success"
+        (queued,) = tabs[0].of("relay.queued", prompt_id)
+        assert queued["backend"] == answer["backend"]
         (output,) = tabs[0].of("relay.output", prompt_id)
         image = output["files"][0]
         assert f"prompt_id={prompt_id}" in image["url"]  # the relay's /view knows where it is
@@ -122,6 +132,10 @@ async def test_prompts_spread_by_load_into_one_stream_and_their_files_come_back(
     # The check means something: the backends' files share a name but not their bytes.
     assert len({name for name, _ in files.values()}) == 1
     assert len({content for _, content in files.values()}) == 3
+    metrics = parse((await http.get("/metrics")).text)
+    for emulator in trio:
+        assert value(metrics, "relay_backend_prompts_total", backend=name_of(emulator)) == 1
+        assert value(metrics, "relay_backend_in_flight", backend=name_of(emulator)) == 0
     # One stream: the two tabs saw the same events, in the same order.
     assert [e.get("seq") for e in tabs[0].events] == [e.get("seq") for e in tabs[1].events]
     for tab in tabs:
@@ -242,3 +256,91 @@ def _png() -> bytes:
     from tests.test_comfyui_versions import PNG  # noqa: PLC0415 - a recorded upload's image
 
     return PNG
+
+
+async def test_a_restarted_relay_follows_its_clients_prompts_on_every_backend(
+    trio: list[RunningEmulator],
+) -> None:
+    """Without Redis a restarted relay remembers nothing; the client's first tab afterwards gets
+    each prompt the backends still hold for it announced and ended, whichever backend it is on."""
+    async with run_relay(pooled(trio)) as before, httpx.AsyncClient(base_url=before.url, timeout=30) as http:
+        tab = await open_tab(before.ws_url, "clientId=dot")
+        answers = [await send(http, long_graph(steps=60, delay=0.2), "dot") for _ in range(3)]
+        assert len({answer["backend"] for answer in answers}) == 3
+        for answer in answers:
+            await tab.wait_type("relay.progress", answer["prompt_id"])
+        await tab.close()
+    async with run_relay(pooled(trio)) as after:
+        back = await open_tab(after.ws_url, "clientId=dot")
+        for answer in answers:
+            done = await back.wait_done(answer["prompt_id"], timeout=60)
+            assert (done["status"], done["recovered"]) == ("success", True)
+            assert len(back.of("relay.queued", answer["prompt_id"])) == 1
+            assert len(back.of("relay.done", answer["prompt_id"])) == 1
+        await back.close()
+
+
+async def test_replicas_on_redis_hand_each_backends_socket_over(
+    trio: list[RunningEmulator], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Two relays on Redis in front of three backends, a tab of the client on each: prompts on
+    every backend, then both relays restarted in turn. Each prompt's backend goes with its
+    record and each socket's routing id with the handover, so the runs are followed live to
+    the end on every tab, with one socket per backend for the client throughout."""
+    settings = {
+        "RELAY_COMFYUI_URLS": ",".join(emulator.url for emulator in trio),
+        "RELAY_BACKEND_CHECK_INTERVAL": "0.1",
+    }
+    async with relay_processes(
+        2, comfyui_url=trio[0].url, redis_url=redis_server.url, folder=tmp_path, **settings
+    ) as relays:
+        tabs = [RoamingTab("eve", relays, n) for n in range(2)]
+        for tab in tabs:
+            await tab.connect()
+        async with httpx.AsyncClient(base_url=relays[0].url, timeout=30) as http:
+            answers = [await send(http, long_graph(steps=120, delay=0.2), "eve") for _ in range(3)]
+        assert len({answer["backend"] for answer in answers}) == 3
+        watcher = tabs[0].tab
+        assert watcher is not None
+        for answer in answers:
+            await watcher.wait_type("relay.progress", answer["prompt_id"])
+        for relay in relays:
+            await relay.stop()
+            await relay.start()
+        for tab in tabs:
+            ended = await tab.until_each_done([answer["prompt_id"] for answer in answers])
+            assert {(done["status"], done["recovered"]) for done in ended.values()} == {("success", False)}
+        assert_unbroken(tabs)
+        for emulator in trio:
+            assert emulator.state.hub.peak["eve"] == 1
+        for tab in tabs:
+            await tab.close()
+
+
+async def test_each_prompts_files_are_stored_from_the_backend_that_made_them(
+    trio: list[RunningEmulator], s3_server: S3Server
+) -> None:
+    """Storage copies each prompt's files from its own backend: three prompts on three
+    backends, files named alike, each stored object the bytes of the right backend's file."""
+    prefix = f"pool-{uuid.uuid4().hex[:8]}"
+    config = pooled(trio, **storage_settings(s3_server, prefix))
+    async with run_relay(config) as relay, httpx.AsyncClient(base_url=relay.url, timeout=30) as http:
+        tab = await open_tab(relay.ws_url, "clientId=fay")
+        bodies = [
+            {"prompt": painting(seed, steps=200), "client_id": "fay", "extra_data": {"store": True}}
+            for seed in (11, 12, 13)
+        ]
+        answers = [r.json() for r in await asyncio.gather(*(http.post("/prompt", json=b) for b in bodies))]
+        assert len({answer["backend"] for answer in answers}) == 3
+        by_name = {name_of(e): e for e in trio}
+        contents = set()
+        for answer in answers:
+            (stored,) = await all_stored(tab, answer["prompt_id"])
+            assert stored["state"] == "stored"
+            kept = await obstore.get_async(bucket(s3_server), stored["key"])
+            async with httpx.AsyncClient(base_url=by_name[answer["backend"]].url) as direct:
+                made = await direct.get("/view", params={"filename": stored["filename"], "type": "output"})
+            assert bytes(await kept.bytes_async()) == made.content
+            contents.add(made.content)
+        assert len(contents) == 3
+        await tab.close()

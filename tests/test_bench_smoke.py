@@ -105,3 +105,28 @@ def test_s3_clients_benchmark_runs(s3_server: object) -> None:
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, check=True)
     assert "obstore" in result.stdout
     assert "presigned URL fetched whole: True" in result.stdout
+
+
+def test_backends_benchmark_runs() -> None:
+    """bench/backends.py runs a burst through each setup and reports each one's throughput and ratios."""
+    command = [
+        sys.executable,
+        str(BENCH / "backends.py"),
+        "--prompts",
+        "3",
+        "--rounds",
+        "1",
+        "--speed",
+        "40",
+        "--json",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180, check=True)
+    report = json.loads(result.stdout[result.stdout.index("{") :])
+    assert set(report["results"]) == {"single", "round-robin", "routed"}
+    assert report["results"]["single"]["spread"] == {"backend 0": 3, "backend 1": 0, "backend 2": 0}
+    assert report["results"]["round-robin"]["spread"] == {"backend 0": 1, "backend 1": 1, "backend 2": 1}
+    for setup, row in report["results"].items():
+        assert row["prompts_per_second"] > 0, setup
+        assert 1 <= row["checkpoint_loads"] <= 3
+    assert report["ratios"]["single"]["vs_single"] == 1.0
+    assert report["ratios"]["round-robin"]["vs_round_robin"] == 1.0

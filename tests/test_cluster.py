@@ -115,7 +115,12 @@ class RoamingTab:
 
     async def until_done(self, prompt_id: str) -> Event:
         """Read, moving to the next relay whenever the socket closes, until the prompt is done."""
+        return (await self.until_each_done([prompt_id]))[prompt_id]
+
+    async def until_each_done(self, prompt_ids: Sequence[str]) -> dict[str, Event]:
+        """Read, moving to the next relay whenever the socket closes, until every prompt is done."""
         read = 0
+        ended: dict[str, Event] = {}
         while True:
             assert self.tab is not None
             tab = self.tab
@@ -125,9 +130,13 @@ class RoamingTab:
             fresh = [e for e in tab.events[read:] if e["type"] not in _UNNUMBERED]
             read = len(tab.events)
             self.numbered += fresh
-            done = [e for e in fresh if e["type"] == "relay.done" and e["prompt_id"] == prompt_id]
-            if done:
-                return done[0]
+            ended.update(
+                (e["prompt_id"], e)
+                for e in fresh
+                if e["type"] == "relay.done" and e["prompt_id"] in prompt_ids
+            )
+            if len(ended) == len(prompt_ids):
+                return ended
             if tab.closed.is_set():
                 self.closes.append(tab.close_code)
                 self.at += 1
