@@ -41,6 +41,8 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from relay.comfy import ComfyClient
 from relay.config import RelayConfig
@@ -182,8 +184,12 @@ class Backends:
         metrics: Metrics | None = None,
         *,
         lookup: Callable[[str, int], Any] = _lookup,
+        redis: Redis | None = None,
     ) -> None:
         self.config = config
+        # With replicas: each prompt's route is shared, so any relay finds its files and history.
+        self.redis = redis
+        self._sharing: set[asyncio.Task[None]] = set()
         self.metrics = metrics or Metrics()
         self.pooled = config.pooled
         self._lookup = lookup
@@ -285,6 +291,7 @@ class Backends:
             backend.affinity = affinity
         self._remember(self.routes, prompt_id, backend.name, _ROUTES_KEPT)
         self._count(backend)
+        self._share(prompt_id, backend.name)
 
     def sent(self, backend: Backend) -> None:
         """ComfyUI took a prompt routed to ``backend``."""
@@ -294,6 +301,7 @@ class Backends:
     def place(self, prompt_id: str, name: str) -> None:
         """A prompt found running on ``name`` (taken over from another relay, or forgotten)."""
         self._remember(self.routes, prompt_id, name, _ROUTES_KEPT)
+        self._share(prompt_id, name)
         backend = self._backends.get(name)
         if backend is not None:
             backend.in_flight.add(prompt_id)
@@ -322,6 +330,35 @@ class Backends:
 
     def route_of(self, prompt_id: str) -> Backend | None:
         return self.get(self.routes.get(prompt_id))
+
+    def _share(self, prompt_id: str, name: str) -> None:
+        """With replicas and several backends: write the route to Redis, in the background."""
+        if self.redis is None or not self.pooled:
+            return
+        task = asyncio.create_task(self._write_route(prompt_id, name), name="relay-route")
+        self._sharing.add(task)
+        task.add_done_callback(self._sharing.discard)
+
+    async def _write_route(self, prompt_id: str, name: str) -> None:
+        assert self.redis is not None
+        try:
+            await self.redis.set(_route_key(prompt_id), name, ex=max(1, int(self.config.redis_event_ttl)))
+        except (RedisError, OSError) as exc:
+            log.warning("could not share a prompt's route", prompt_id=prompt_id, error=str(exc))
+
+    async def locate(self, prompt_id: str) -> Backend | None:
+        """Where a prompt went: known here, else (with replicas) as another relay routed it."""
+        known = self.route_of(prompt_id)
+        if known is not None or self.redis is None or not self.pooled:
+            return known
+        try:
+            name = await self.redis.get(_route_key(prompt_id))
+        except (RedisError, OSError):
+            return None
+        if not isinstance(name, str):
+            return None
+        self._remember(self.routes, prompt_id, name, _ROUTES_KEPT)
+        return self.get(name)
 
     def source_of(self, prompt_id: str) -> Backend:
         """Where a prompt ran (the first backend when its route is not known here)."""
@@ -395,6 +432,7 @@ class Backends:
     async def check(self) -> None:
         """Ask every backend how it is, once."""
         await asyncio.gather(*(self._check(backend) for backend in self))
+        self.metrics.comfyui_up.set(1 if self.up() else 0)  # with several: whether any is up
 
     async def _check(self, backend: Backend) -> None:
         started = time.monotonic()
@@ -536,8 +574,15 @@ class Backends:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for pending in list(self._sharing):
+            with contextlib.suppress(asyncio.CancelledError):
+                await pending
         for backend in [*self._backends.values(), *self._retired]:
             await backend.aclose()
+
+
+def _route_key(prompt_id: str) -> str:
+    return f"relay:route:{prompt_id}"
 
 
 def _files_in(outputs: Mapping[str, Any]) -> Iterator[tuple[str, str, str]]:

@@ -127,7 +127,7 @@ async def cancel_prompt(request: Request[Lifespan]) -> Response:
         raise BadRequest("the prompt id must be a canonical lowercase UUID", "invalid_prompt_id")
     state = request.state["relay"]
     backends = state.backends
-    known = backends.route_of(prompt_id)
+    known = await backends.locate(prompt_id)
     cancelled = False
     # Where it was sent; a prompt this relay did not route is looked for on every backend up.
     for backend in (

@@ -167,7 +167,7 @@ async def view(request: Request) -> Response:
     )
     # The prompt that made it (in the relay's own file URLs), else where the relay saw it made.
     hinted = query.get("prompt_id")
-    known = (backends.route_of(hinted) if hinted else None) or backends.file_source(
+    known = (await backends.locate(hinted) if hinted else None) or backends.file_source(
         filename, subfolder, file_type or "output"
     )
     answer, backend = await _first_found(request, target, _candidates(backends, known))
@@ -319,7 +319,7 @@ async def _post_routed(request: Request, path: str, data: dict[str, Any], *, ids
         groups: dict[str, list[Any]] = {}
         everywhere: list[Any] = []
         for prompt_id in ids:
-            known = backends.route_of(str(prompt_id))
+            known = await backends.locate(str(prompt_id))
             if known is None:
                 everywhere.append(prompt_id)
             else:
@@ -421,7 +421,7 @@ async def _merged_history(request: Request, path: str) -> Response:
     backends = proxy_of(request).backends
     if path != "/history":
         prompt_id = str(request.path_params["prompt_id"])
-        known = backends.route_of(prompt_id)
+        known = await backends.locate(prompt_id)
         for backend in _candidates(backends, known):
             body = await _json_of(backend, request, path, "history")
             if isinstance(body, dict) and body:
@@ -547,7 +547,7 @@ async def get_job(request: Request) -> Response:
             else Response(orjson.dumps(body), media_type="application/json")
         )
     found: Any = None
-    for backend in _candidates(context.backends, context.backends.route_of(job_id)):
+    for backend in _candidates(context.backends, await context.backends.locate(job_id)):
         found = await _answer_with_client_ids(request, f"/api/jobs/{job_id}", "job", backend)
         if not isinstance(found, Response):
             return Response(orjson.dumps({**found, "backend": backend.name}), media_type="application/json")
@@ -558,7 +558,7 @@ async def cancel_job(request: Request) -> Response:
     """POST /api/jobs/{id}/cancel; a prompt taken out of the queue then ends as cancelled."""
     job_id = _job_id(request)
     context = proxy_of(request)
-    known = context.backends.route_of(job_id) if context.pooled else None
+    known = await context.backends.locate(job_id) if context.pooled else None
     if context.pooled and known is None:
         response = await _everywhere(request, f"/api/jobs/{job_id}/cancel", b"")
     else:

@@ -112,14 +112,15 @@ class Lifespan(TypedDict):
 @contextlib.asynccontextmanager
 async def open_relay(config: RelayConfig, metrics: Metrics, workflows: Library) -> AsyncIterator[Lifespan]:
     """Open the relay's resources for the duration of the block; close them in order after it."""
-    backends = Backends(config, metrics)
+    redis = _redis(config.redis_url) if config.redis_url else None
+    backends = Backends(config, metrics, redis=redis)
     state = RelayState(
         config=config,
         metrics=metrics,
         workflows=workflows,
         backends=backends,
         durations=Durations(durations_file(config.eta_file)),
-        redis=_redis(config.redis_url) if config.redis_url else None,
+        redis=redis,
     )
     metrics.watch(state.sessions.live_state)
     await state.eta.share()  # what the other relays learned, before the first estimate

@@ -206,7 +206,8 @@ class Upstream:
                 break
             attempt = 1 if self.state == "connected" else attempt + 1
             self._set_state("down", attempt, reason)
-            log.warning("upstream socket down", client_id=self.client_id, reason=reason, attempt=attempt)
+            log.warning("upstream socket down", client_id=self.client_id, url=self.ws_url, reason=reason,
+                        attempt=attempt)  # fmt: skip
             await asyncio.sleep(self._backoff(attempt))
 
     async def _session(self, sid: str, *, reconnected: bool) -> str:

@@ -13,6 +13,7 @@ from relay.backends import Backend, Backends, affinity_of, input_names
 from relay.config import ConfigError, RelayConfig
 from relay.emulator import RunningEmulator
 from relay.merged import merge_history, merge_jobs, merge_queue
+from tests.redis_server import RedisServer
 
 A, B, C = "http://10.0.0.1:8188", "http://10.0.0.2:8188", "http://10.0.0.3:8188"
 
@@ -265,3 +266,25 @@ async def test_listed_backends_stay_beside_a_name() -> None:
     await backends.resolve()  # the name lists nobody now
     assert [(b.name, b.state) for b in backends] == [("10.0.0.1:8188", "up")]
     await backends.aclose()
+
+
+async def test_replicas_share_each_prompts_route_through_redis(redis_server: RedisServer) -> None:
+    """A prompt routed by one relay is found by another (its files, history, cancel), through
+    Redis; without a route anywhere, nothing is made up."""
+    one_client, other_client = redis_server.client(), redis_server.client()
+    one = pool(A, B, C, redis_url=redis_server.url)
+    one.redis = one_client
+    other = Backends(one.config, redis=other_client)
+    try:
+        _, b, _ = list(one)
+        one.assign(b, "p-routed-here", None)
+        await one.aclose()  # the write in flight is awaited before closing
+        found = await other.locate("p-routed-here")
+        assert found is not None
+        assert found.name == b.name
+        assert other.route_of("p-routed-here") is found  # remembered from then on
+        assert await other.locate("p-nobody-routed") is None
+    finally:
+        await other.aclose()
+        await one_client.aclose()
+        await other_client.aclose()
