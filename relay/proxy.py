@@ -267,13 +267,6 @@ def _passthrough(path_of: Callable[[Request], str]) -> Handler:
     return handler
 
 
-def _checked_post(path: str) -> Handler:
-    async def handler(request: Request) -> Response:
-        return await forward(request, path, content=await _json_body(request))
-
-    return handler
-
-
 async def post_queue(request: Request) -> Response:
     """``{"delete": [ids]}`` or ``{"clear": true}``; removed prompts then end as ``cancelled``.
     With several backends, each id goes to its prompt's backend (to every one when unknown),
@@ -286,6 +279,15 @@ async def post_queue(request: Request) -> Response:
     if response.status_code == 200:
         await proxy_of(request).queue_changed()
     return response
+
+
+async def post_history(request: Request) -> Response:
+    """``{"delete": [ids]}`` or ``{"clear": true}``: with several backends, each id to its
+    prompt's backend (every one when unknown), a clear to all."""
+    body = await _json_body(request)
+    if proxy_of(request).pooled:
+        return await _post_routed(request, "/history", orjson.loads(body), ids_key="delete")
+    return await forward(request, "/history", content=body)
 
 
 async def interrupt(request: Request) -> Response:
@@ -332,6 +334,8 @@ async def _post_routed(request: Request, path: str, data: dict[str, Any], *, ids
             owner = backends.get(name)
             if owner is not None and owner.state != "up":
                 sends.append((owner, {**data, ids_key: mine if isinstance(named, list) else mine[0]}))
+    if not sends:
+        raise UpstreamUnavailable("no ComfyUI backend is up")
     answers = await asyncio.gather(
         *(backend.comfy.post_json(path, payload) for backend, payload in sends), return_exceptions=True
     )
@@ -653,7 +657,7 @@ def proxy_routes() -> list[BaseRoute]:
         ("/queue", queue, ["GET"]),
         ("/queue", post_queue, ["POST"]),
         ("/history", _history(lambda r: "/history"), ["GET"]),
-        ("/history", _checked_post("/history"), ["POST"]),
+        ("/history", post_history, ["POST"]),
         ("/history/{prompt_id}", _history(lambda r: "/history/" + _segment(r, "prompt_id")), ["GET"]),
         ("/interrupt", interrupt, ["POST"]),
         ("/prompt", get_prompt_info, ["GET"]),

@@ -344,3 +344,52 @@ async def test_each_prompts_files_are_stored_from_the_backend_that_made_them(
             contents.add(made.content)
         assert len(contents) == 3
         await tab.close()
+
+
+async def test_an_upload_stored_under_different_names_is_a_conflict(
+    relay: RunningRelay, http: httpx.AsyncClient, trio: list[RunningEmulator]
+) -> None:
+    """One backend already has another file by the upload's name, so it keeps the new one under
+    another name: the relay says so (409, each backend's name) rather than answer with a name
+    that means a different picture on that backend."""
+    async with httpx.AsyncClient(base_url=trio[1].url) as direct:
+        other = await direct.post(
+            "/upload/image", files={"image": ("dog.png", b"not the same picture", "image/png")}
+        )
+    assert other.status_code == 200
+    answer = await http.post("/upload/image", files={"image": ("dog.png", _png(), "image/png")})
+    assert answer.status_code == 409
+    error = answer.json()["error"]
+    assert error["type"] == "upload_diverged"
+    assert name_of(trio[1]) in error["message"]
+
+
+async def test_calls_for_every_backend_reach_every_backend(
+    relay: RunningRelay, http: httpx.AsyncClient, trio: list[RunningEmulator], comfyui_version: ComfyVersion
+) -> None:
+    """A global /interrupt stops what each backend runs; /queue clear empties every queue (the
+    removed prompts end cancelled); /api/jobs lists the jobs of all, labelled; a history clear
+    clears every backend's."""
+    tab = await open_tab(relay.ws_url, "clientId=gus")
+    answers = [await send(http, long_graph(steps=500, delay=0.2), "gus") for _ in range(6)]
+    for answer in answers[:3]:
+        await tab.wait_type("relay.started", answer["prompt_id"])
+    if comfyui_version == "current":
+        jobs = (await http.get("/api/jobs", params={"limit": "4"})).json()
+        assert len(jobs["jobs"]) == 4
+        assert jobs["pagination"]["total"] == 6
+        assert {job["backend"] for job in jobs["jobs"]} <= {name_of(e) for e in trio}
+    cleared = await http.post("/queue", json={"clear": True})
+    assert cleared.status_code == 200
+    for answer in answers[3:]:
+        assert (await tab.wait_done(answer["prompt_id"]))["status"] == "cancelled"
+    stopped = await http.post("/interrupt")
+    assert stopped.status_code == 200
+    for answer in answers[:3]:
+        assert (await tab.wait_done(answer["prompt_id"]))["status"] == "interrupted"
+    assert len((await http.get("/history")).json()) == 3  # the interrupted ones, one per backend
+    assert (await http.post("/history", json={"clear": True})).status_code == 200
+    for emulator in trio:
+        async with httpx.AsyncClient(base_url=emulator.url) as direct:
+            assert (await direct.get("/history")).json() == {}
+    await tab.close()
