@@ -49,6 +49,7 @@ from relay.config import RelayConfig
 from relay.errors import UpstreamUnavailable
 from relay.metrics import Metrics
 from relay.streaming import StreamingClient
+from relay.tasks import stop
 
 __all__ = ["Backend", "BackendState", "Backends", "affinity_of", "file_key", "input_names"]
 
@@ -286,6 +287,8 @@ class Backends:
 
     def assign(self, backend: Backend, prompt_id: str, affinity: str | None = None) -> None:
         """``prompt_id`` goes to ``backend`` (before it is sent: its load counts at once)."""
+        if not self.pooled:
+            return  # one backend: nothing to weigh or find again
         backend.in_flight.add(prompt_id)
         if affinity is not None:
             backend.affinity = affinity
@@ -300,6 +303,8 @@ class Backends:
 
     def place(self, prompt_id: str, name: str) -> None:
         """A prompt found running on ``name`` (taken over from another relay, or forgotten)."""
+        if not self.pooled:
+            return
         self._remember(self.routes, prompt_id, name, _ROUTES_KEPT)
         self._share(prompt_id, name)
         backend = self._backends.get(name)
@@ -314,6 +319,8 @@ class Backends:
 
     def finished(self, prompt_id: str, outputs: Mapping[str, Any] | None = None) -> None:
         """The prompt ended; its route stays known (for /history and /view), its files too."""
+        if not self.pooled:
+            return
         name = self.routes.get(prompt_id)
         self._release(name, prompt_id)
         if name is not None and outputs:
@@ -369,12 +376,14 @@ class Backends:
 
     def found_file(self, filename: str, subfolder: str, file_type: str, backend: str) -> None:
         """A file this relay did not see made was found on ``backend``."""
+        if not self.pooled:
+            return
         self._remember(self.files, file_key(filename, subfolder, file_type), backend, _FILES_KEPT)
 
     def uploaded(self, answer: Any, backend: str) -> None:
         """An upload's answer from ``backend`` (``{"name", "subfolder", "type"}``): a later prompt
         naming it prefers the backends that have it."""
-        if not isinstance(answer, dict) or not isinstance(answer.get("name"), str):
+        if not self.pooled or not isinstance(answer, dict) or not isinstance(answer.get("name"), str):
             return
         subfolder = answer.get("subfolder") or ""
         name = f"{subfolder}/{answer['name']}" if subfolder else str(answer["name"])
@@ -570,13 +579,9 @@ class Backends:
 
     async def aclose(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        for pending in list(self._sharing):
-            with contextlib.suppress(asyncio.CancelledError):
-                await pending
+        await stop(task)
+        if self._sharing:  # routes still on their way to Redis: a moment, not forever
+            await asyncio.wait(list(self._sharing), timeout=2.0)
         for backend in [*self._backends.values(), *self._retired]:
             await backend.aclose()
 

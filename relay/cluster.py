@@ -36,6 +36,7 @@ from starlette.responses import Response
 from relay.config import RelayConfig
 from relay.errors import UpstreamUnavailable
 from relay.eventlog import NOTIFY, parse_notice
+from relay.tasks import stop
 
 if TYPE_CHECKING:
     from relay.sessions import ClientSession
@@ -119,6 +120,7 @@ class Cluster:
         self.url = advertised_url(config)
         self._sessions, self._find, self._get = sessions, find, get
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
         self._listener: asyncio.Task[None] | None = None
         self._raw: deque[bytes] = deque(maxlen=1024)
         self._raw_sender: asyncio.Task[None] | None = None
@@ -156,11 +158,9 @@ class Cluster:
         """Stop tending leases and following notices (shutdown: the sessions hand over next)."""
         tasks = [*self._tasks, *([self._listener] if self._listener is not None else [])]
         self._tasks, self._listener = [], None
+        self._stopping = True  # a tick that missed its cancellation ends at its next turn
         for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop(task)
 
     async def close(self) -> None:
         await self.stop_ticking()
@@ -176,7 +176,7 @@ class Cluster:
     # Leases -----------------------------------------------------------------------------
 
     async def _tick_forever(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.tick()
             except (RedisError, OSError) as exc:

@@ -39,6 +39,7 @@ from relay.observers import Observer
 from relay.plans import build_plan
 from relay.previews import PreviewStore
 from relay.routing import CLIENT_KEY
+from relay.tasks import stop
 from relay.translator import Estimates, StepTiming, Translation, Translator
 from relay.upstream import State, Upstream
 
@@ -639,10 +640,7 @@ class ClientSession:
         Redis, hand the client over: the next relay reuses the socket's id when it can."""
         watcher, self._watcher = self._watcher, None
         for task in (watcher, self._queue_check):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await stop(task)
         self._stop_feed()
         await self.close_links()
         if self.backlog is not None:
@@ -1111,10 +1109,7 @@ class Sessions:
                 session.forget()
 
     async def close(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+        await stop(self._reaper)
         if self.cluster is not None:
             await self.cluster.stop_ticking()
         await asyncio.gather(*(self._close(s) for s in self._sessions.values()))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import io
+import signal
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, TypedDict
@@ -131,6 +133,7 @@ async def open_relay(config: RelayConfig, metrics: Metrics, workflows: Library) 
         queue_changed=state.sessions.settle_removed,
     )
     state.sessions.start()
+    dumping = _dump_tasks_on_signal()
     collector = (
         asyncio.create_task(_collect_garbage(config.gc_interval), name="relay-gc")
         if config.gc_interval
@@ -150,9 +153,29 @@ async def open_relay(config: RelayConfig, metrics: Metrics, workflows: Library) 
         if state.webhooks is not None:
             await state.webhooks.close()
         await state.eta.close()  # shares what it learned through Redis: before Redis closes
+        await backends.aclose()  # routes still on their way to Redis too
         if state.redis is not None:
             await state.redis.aclose()
-        await backends.aclose()
+        if dumping:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGUSR1)
+
+
+def _dump_tasks_on_signal() -> bool:
+    """``kill -USR1 <pid>`` logs where every task of the relay is waiting (a pod that does not
+    stop, or does not answer); only where the relay owns the process's main thread."""
+    loop = asyncio.get_running_loop()
+
+    def dump() -> None:
+        for task in asyncio.all_tasks(loop):
+            stack = io.StringIO()
+            task.print_stack(limit=12, file=stack)
+            log.warning("task", name=task.get_name(), stack=stack.getvalue())
+
+    try:
+        loop.add_signal_handler(signal.SIGUSR1, dump)
+    except (RuntimeError, NotImplementedError, ValueError):
+        return False
+    return True
 
 
 async def _collect_garbage(interval: float) -> None:

@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["wind_down"]
+__all__ = ["stop", "wind_down"]
+
+
+async def stop(task: asyncio.Task[Any] | None) -> None:
+    """Cancel ``task`` and wait for it to end. The wait swallows only ``task``'s own
+    cancellation: if the caller is cancelled meanwhile (a shutdown stopping the caller), that
+    goes on up, so the caller does not carry on as if nothing had been asked of it."""
+    if task is None or task is asyncio.current_task():
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
 
 
 async def wind_down(tasks: Iterable[asyncio.Task[Any]], grace: float) -> None:
@@ -18,7 +32,4 @@ async def wind_down(tasks: Iterable[asyncio.Task[Any]], grace: float) -> None:
         return
     _done, waiting = await asyncio.wait(pending, timeout=grace)
     for task in waiting:
-        task.cancel()
-    for task in waiting:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop(task)

@@ -38,6 +38,7 @@ from websockets.asyncio.client import ClientConnection
 
 from relay.config import RelayConfig
 from relay.routing import routing_id
+from relay.tasks import stop
 
 __all__ = ["State", "Upstream", "UpstreamHandler"]
 
@@ -138,10 +139,7 @@ class Upstream:
         task, self._task = self._task, None
         if self._socket is not None:
             await self._close_socket(self._socket, self._socket_sid)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop(task)
         self._set_state("closed", 0, "closed by the relay")
 
     async def reopen(self) -> None:

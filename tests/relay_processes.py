@@ -81,8 +81,15 @@ class RelayProcess:
         if self.process is None or self.process.returncode is not None:
             return
         self.process.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(30):
-            await self.process.wait()
+        try:
+            async with asyncio.timeout(30):
+                await self.process.wait()
+        except TimeoutError:
+            self.process.send_signal(signal.SIGUSR1)  # its tasks' stacks into its log
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    await self.process.wait()
+            raise AssertionError(f"{self.name} did not stop within 30 s of SIGTERM: see {self.log}") from None
 
 
 @contextlib.asynccontextmanager
