@@ -47,6 +47,7 @@ from redis.exceptions import RedisError
 from relay.comfy import ComfyClient
 from relay.config import RelayConfig
 from relay.errors import UpstreamUnavailable
+from relay.events import file_refs
 from relay.metrics import Metrics
 from relay.streaming import StreamingClient
 from relay.tasks import stop
@@ -324,8 +325,10 @@ class Backends:
         name = self.routes.get(prompt_id)
         self._release(name, prompt_id)
         if name is not None and outputs:
-            for key in _files_in(outputs):
-                self._remember(self.files, key, name, _FILES_KEPT)
+            for output in outputs.values():
+                for _, ref in file_refs(output):
+                    self._remember(self.files, file_key(ref["filename"], ref["subfolder"], ref["type"]), name,
+                                   _FILES_KEPT)  # fmt: skip
 
     def _release(self, name: str | None, prompt_id: str) -> None:
         backend = self._backends.get(name) if name is not None else None
@@ -588,16 +591,3 @@ class Backends:
 
 def _route_key(prompt_id: str) -> str:
     return f"relay:route:{prompt_id}"
-
-
-def _files_in(outputs: Mapping[str, Any]) -> Iterator[tuple[str, str, str]]:
-    """The files of a prompt's outputs (``{node: {"images": [{filename, subfolder, type}]}}``)."""
-    for node_output in outputs.values():
-        if not isinstance(node_output, dict):
-            continue
-        for items in node_output.values():
-            for item in items if isinstance(items, list) else ():
-                if isinstance(item, dict) and isinstance(item.get("filename"), str):
-                    yield file_key(
-                        item["filename"], str(item.get("subfolder") or ""), str(item.get("type") or "")
-                    )

@@ -492,7 +492,14 @@ class ClientSession:
     def link(self, backend: Backend) -> Link:
         """This client's socket to ``backend`` (made, not opened, on first use)."""
         link = self.links.get(backend.name)
-        if link is None or link.backend is not backend:
+        if link is not None and link.backend is not backend:
+            # The address left the name's answer and came back: a new backend, a new socket.
+            old = link.upstream
+            task = asyncio.create_task(old.close(), name=f"close-{self.client_id}")
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+            link = None
+        if link is None:
             link = self.links[backend.name] = Link(self, backend)
         return link
 
